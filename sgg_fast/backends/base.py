@@ -1,0 +1,93 @@
+"""What every backend implements, and the statistics container passed between its stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import StepPlan
+
+
+@dataclass
+class Partials:
+    """Partial statistics: ``values[c] = (gg, rr, gr, pp)`` of chunk ``c``.
+
+    Chunks are ordered by segment: segment ``s`` owns rows ``offsets[s]:offsets[s+1]``
+    (host list, ``S + 1`` entries). When every segment has exactly one row the partials are
+    already reduced (``is_reduced``); the distributed layer all-reduces reduced partials.
+    """
+
+    values: torch.Tensor     # [C, 4] float32 on the plan's home device
+    offsets: list[int]       # [S + 1]
+
+    @property
+    def is_reduced(self) -> bool:
+        return len(self.values) == len(self.offsets) - 1 and self.offsets == list(range(len(self.offsets)))
+
+
+class Backend:
+    """A way to run the three stages of an SGG step.
+
+    Subclasses set ``name``, ``device_types``, ``dtypes`` and ``auto_priority`` (lower is
+    tried first by ``backend="auto"``; ``None`` for a device type means auto never picks it),
+    and implement the stages. ``unavailable_reasons()`` says why the backend cannot run at all
+    on this machine; ``not_supported_reasons(plan)`` adds why it cannot serve one step's inputs.
+    An empty list means yes.
+    """
+
+    name: str = ""
+    description: str = ""
+    device_types: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    auto_priority: dict[str, int | None] = {}
+    #: True when ``apply``/``guide`` decide the skip on the device (no host sync in a step)
+    device_skip: bool = True
+
+    def unavailable_reasons(self) -> list[str]:
+        return []
+
+    def not_supported_reasons(self, plan: StepPlan) -> list[str]:
+        reasons = list(self.unavailable_reasons())
+        for dev in plan.devices:
+            if dev.type not in self.device_types:
+                reasons.append(f"{self.name} does not run on {dev.type} tensors "
+                               f"(it serves: {', '.join(self.device_types) or 'nothing'})")
+        if len(plan.devices) > 1:
+            reasons.append(f"{self.name} needs all parameters of one optimizer on one device "
+                           f"(got {', '.join(map(str, plan.devices))})")
+        for dt in plan.dtypes:
+            if dt not in self.dtypes:
+                reasons.append(f"{self.name} does not support {str(dt).replace('torch.', '')} parameters")
+        return reasons
+
+    # -- the three stages -------------------------------------------------------------------
+    def stats(self, plan: StepPlan) -> Partials:
+        """Stage 1: partial sums of (gg, rr, gr, pp)."""
+        raise NotImplementedError
+
+    def reduce(self, plan: StepPlan, partials: Partials) -> Partials:
+        """Sum the partials of each segment in a fixed order (one row per segment)."""
+        if partials.is_reduced:
+            return partials
+        S = len(partials.offsets) - 1
+        lengths = torch.tensor([partials.offsets[s + 1] - partials.offsets[s] for s in range(S)])
+        chunk_seg = torch.repeat_interleave(torch.arange(S), lengths).to(partials.values.device)
+        out = torch.zeros(S, 4, dtype=partials.values.dtype, device=partials.values.device)
+        out.index_add_(0, chunk_seg, partials.values)
+        return Partials(out, list(range(S + 1)))
+
+    def finalize(self, plan: StepPlan, partials: Partials, hyper: torch.Tensor,
+                 nu: torch.Tensor) -> torch.Tensor:
+        """Stage 2: ``[S, len(guidance.OUT_COLS)]`` (α, β, new norm_ema, skip, stats row)."""
+        from .. import guidance
+
+        return guidance.finalize(self.reduce(plan, partials).values, hyper, nu)
+
+    def apply(self, plan: StepPlan, out: torch.Tensor) -> None:
+        """Stage 3 (SGGAdamW): AdamW on ``u = α·g + β·r``; updates p, m, v, step (and ref)."""
+        raise NotImplementedError
+
+    def guide(self, plan: StepPlan, out: torch.Tensor) -> None:
+        """Stage 3 (GradientGuidance): ``g ← α·g + β·r`` in place (and the ema ref update)."""
+        raise NotImplementedError

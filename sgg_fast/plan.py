@@ -1,0 +1,183 @@
+"""One step's plan: which tensors take part, how they form segments, and their per-tensor settings.
+
+Built on the host from ``param_groups`` every step (O(number of tensors) host work, no device
+work). All input checks happen here, before anything is mutated, so that bad input never
+corrupts parameters or optimizer state. Backends read the plan; they never walk param_groups.
+
+Architecture of a step (DESIGN §3): params → statistics → finalize (α, β, skip) → apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import guidance
+
+REFERENCES = ("momentum", "ema", "source")
+REF_MOMENTUM, REF_EMA, REF_SOURCE = range(3)
+GRANULARITIES = ("group", "tensor", "global")
+MAG_MODES = tuple(guidance.MAG_MODES)
+NONFINITE = ("skip", "raise")
+
+#: guidance settings that must agree between param groups sharing one "global" segment
+SEGMENT_KEYS = guidance.GUIDANCE_KEYS + ("reference", "ref_beta", "nonfinite")
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass
+class Segment:
+    index: int
+    label: str                  # human-readable, used in error messages
+    group: dict                 # the param_group whose guidance settings the segment uses
+    device: torch.device
+    start: int                  # first tensor of the segment in the plan's lists
+    stop: int                   # one past the last
+
+
+@dataclass
+class StepPlan:
+    """The tensors of one step, ordered segment by segment (a segment's tensors are contiguous)."""
+
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    group_index: list[int] = field(default_factory=list)      # param_group of each tensor
+    seg_of_param: list[int] = field(default_factory=list)     # segment of each tensor
+    labels: list[str] = field(default_factory=list)           # "param_groups[g][i]" per tensor
+    segments: list[Segment] = field(default_factory=list)
+    groups: list[dict] = field(default_factory=list)          # the optimizer's param_groups
+    # filled by the caller once the state exists
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    refs: list[torch.Tensor | None] = field(default_factory=list)   # r per tensor (None: r = 0)
+    steps: list[torch.Tensor] = field(default_factory=list)
+    norm_emas: list[torch.Tensor | None] = field(default_factory=list)
+    cache: dict[str, Any] = field(default_factory=dict)       # lives across steps (the owner's)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segments)
+
+    @property
+    def home(self) -> torch.device:
+        """The device where statistics are finalized (the first tensor's)."""
+        return self.params[0].device if self.params else torch.device("cpu")
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return sorted({p.device for p in self.params}, key=str)
+
+    @property
+    def dtypes(self) -> list[torch.dtype]:
+        return sorted({p.dtype for p in self.params}, key=str)
+
+    def ref_mode(self, i: int) -> int:
+        return REFERENCES.index(self.segments[self.seg_of_param[i]].group["reference"])
+
+    def needs(self, key: str, value: Any) -> bool:
+        """True when some segment has ``group[key] == value``."""
+        return any(s.group[key] == value for s in self.segments)
+
+    def _cached(self, name: str, key: tuple, make) -> torch.Tensor:
+        hit = self.cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = make()
+        self.cache[name] = (key, value)
+        return value
+
+    def hyper(self) -> torch.Tensor:
+        """``[S, 7]`` guidance hyper-parameters on the home device (cached while unchanged)."""
+        rows = tuple(tuple(guidance.hyper_row(s.group)) for s in self.segments)
+        return self._cached("hyper", (rows, self.home), lambda: torch.tensor(
+            rows, dtype=torch.float32).reshape(len(rows), len(guidance.HYPER_COLS)).to(self.home))
+
+    def seg_index(self) -> torch.Tensor:
+        """``[P]`` int64 segment index of each tensor, on the home device (cached)."""
+        key = (tuple(self.seg_of_param), self.home)
+        return self._cached("seg_index", key, lambda: torch.tensor(
+            self.seg_of_param, dtype=torch.int64).to(self.home))
+
+
+def _describe(p: torch.Tensor) -> str:
+    return f"shape {tuple(p.shape)}, {str(p.dtype).replace('torch.', '')}, {p.device}"
+
+
+def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
+               cache: dict | None = None) -> StepPlan:
+    """Collect the tensors with a gradient into segments and check them.
+
+    Raises ``RuntimeError`` / ``ValueError`` with what is wrong and what to do for sparse or
+    complex gradients, unsupported dtypes, a segment spanning devices, and global segments
+    with disagreeing settings. Parameters whose ``.grad`` is None take no part.
+    """
+    plan = StepPlan(groups=param_groups, cache=cache if cache is not None else {})
+    global_seg: Segment | None = None
+    global_members: list[tuple[int, int, torch.Tensor]] = []
+    pending: list[tuple[str, dict, list[tuple[int, int, torch.Tensor]]]] = []
+
+    for gi, group in enumerate(param_groups):
+        members = []
+        for pi, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            where = f"param_groups[{gi}]['params'][{pi}] ({_describe(p)})"
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(
+                    f"{owner} does not support sparse gradients: {where} has a {g.layout} gradient. "
+                    "Use torch.optim.SparseAdam for sparse embeddings, or nn.Embedding(sparse=False).")
+            if torch.is_complex(p) or torch.is_complex(g):
+                raise RuntimeError(
+                    f"{owner} does not support complex parameters: {where}. "
+                    "Optimize torch.view_as_real(param) instead.")
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise RuntimeError(
+                    f"{owner} supports float32, bfloat16, float16 and float64 parameters; {where} is not.")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise RuntimeError(
+                    f"{owner}: the gradient of {where} has shape {tuple(g.shape)}, {g.dtype}, {g.device}; "
+                    "it must match its parameter's shape, dtype and device.")
+            members.append((gi, pi, p))
+        if group["granularity"] == "global":
+            if global_seg is None:
+                global_seg = Segment(-1, "the global segment", group, torch.device("cpu"), 0, 0)
+                pending.append(("global", group, global_members))
+            else:
+                for k in SEGMENT_KEYS:
+                    if group[k] != global_seg.group[k]:
+                        first = param_groups.index(global_seg.group)
+                        raise ValueError(
+                            f"{owner}: param_groups[{first}] and param_groups[{gi}] both use "
+                            f"granularity='global' but differ in {k!r} ({global_seg.group[k]!r} vs "
+                            f"{group[k]!r}); one global segment has one setting. Make them equal or use "
+                            "granularity='group'.")
+            global_members.extend(members)
+        elif group["granularity"] == "tensor":
+            for m in members:
+                pending.append((f"param_groups[{m[0]}]['params'][{m[1]}]", group, [m]))
+        else:
+            pending.append((f"param_groups[{gi}]", group, members))
+
+    for label, group, members in pending:
+        if not members:
+            continue
+        devs = {p.device for _, _, p in members}
+        if len(devs) > 1:
+            raise RuntimeError(
+                f"{owner}: {label} holds parameters on several devices ({', '.join(sorted(map(str, devs)))}); "
+                "one segment's statistics are reduced on one device. Put them in separate param_groups "
+                "with granularity='group', or use granularity='tensor'.")
+        seg = Segment(len(plan.segments), label, group, members[0][2].device,
+                      len(plan.params), len(plan.params) + len(members))
+        plan.segments.append(seg)
+        for gi, pi, p in members:
+            plan.params.append(p)
+            plan.grads.append(p.grad)
+            plan.group_index.append(gi)
+            plan.seg_of_param.append(seg.index)
+            plan.labels.append(f"param_groups[{gi}]['params'][{pi}]")
+    return plan
