@@ -163,7 +163,7 @@ class _GuidedMixin:
         """Statistics → finalize → ``stage`` ("apply" or "guide"); returns the finalize output."""
         backend = self._resolve(plan)
         partials = backend.stats(plan)
-        out = backend.finalize(plan, partials, plan.hyper(), self._gather_nu(plan))
+        out = backend.finalize(plan, partials, plan.hyper(partials.values.dtype), self._gather_nu(plan))
         self._check_finite(plan, out)
         getattr(backend, stage)(plan, out)
         self._scatter_nu(plan, out)

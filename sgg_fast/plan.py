@@ -89,11 +89,11 @@ class StepPlan:
         self.cache[name] = (key, value)
         return value
 
-    def hyper(self) -> torch.Tensor:
+    def hyper(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[S, 7]`` guidance hyper-parameters on the home device (cached while unchanged)."""
         rows = tuple(tuple(guidance.hyper_row(s.group)) for s in self.segments)
-        return self._cached("hyper", (rows, self.home), lambda: torch.tensor(
-            rows, dtype=torch.float32).reshape(len(rows), len(guidance.HYPER_COLS)).to(self.home))
+        return self._cached("hyper", (rows, self.home, dtype), lambda: torch.tensor(
+            rows, dtype=dtype).reshape(len(rows), len(guidance.HYPER_COLS)).to(self.home))
 
     def seg_index(self) -> torch.Tensor:
         """``[P]`` int64 segment index of each tensor, on the home device (cached)."""

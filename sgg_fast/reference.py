@@ -43,6 +43,8 @@ def tensor_stats(plan: StepPlan) -> Partials:
     P = len(plan.params)
     home = plan.home
     want_pp = plan.needs("mag_mode", "param")
+    # float64 parameters keep float64 statistics (and so a float64 finalize); otherwise float32
+    stat_dtype = torch.float64 if torch.float64 in plan.dtypes else torch.float32
     rows: list[torch.Tensor | None] = [None] * P
     for (_, dev, dtype), idx in _buckets(plan, by_group=False).items():
         acc = _compute_dtype(dtype)
@@ -61,10 +63,10 @@ def tensor_stats(plan: StepPlan) -> Partials:
             pp = torch.stack(torch._foreach_norm([plan.params[i] for i in idx], 2, dtype=acc)).square()
         else:
             pp = torch.zeros_like(gg)
-        block = torch.stack([gg, rr, gr, pp], dim=1).to(device=home, dtype=torch.float32)
+        block = torch.stack([gg, rr, gr, pp], dim=1).to(device=home, dtype=stat_dtype)
         for k, i in enumerate(idx):
             rows[i] = block[k]
-    values = torch.stack(rows) if P else torch.zeros(0, 4, device=home)
+    values = torch.stack(rows) if P else torch.zeros(0, 4, device=home, dtype=stat_dtype)
     offsets = [s.start for s in plan.segments] + [P]
     return Partials(values, offsets)
 

@@ -52,7 +52,8 @@ class Oracle:
                 segs.append((("group", gi), gi, mine))
         return [s for s in segs if s[2]]
 
-    def step(self, grads: list[torch.Tensor | None]):
+    def guide(self, grads: list[torch.Tensor | None]):
+        """The guided gradient g3 per active tensor, the new ν, the stats rows and the skip flag."""
         active = [i for i, g in enumerate(grads) if g is not None]
         G = {i: grads[i].detach().to(F64).reshape(-1) for i in active}
         segs = self._segments(active)
@@ -107,10 +108,15 @@ class Oracle:
             stats.append(dict(grad_norm=ng, ref_norm=nrr, cos=cos, conflict=float(gr < 0),
                               guided_norm=float(n3), mag_scale=s, dir_penalty=1 - cos,
                               mag_penalty=0.0 if math.isinf(tau) else 0.5 * max(0.0, float(n2) - tau) ** 2))
-        self.stats = stats
-        self.skipped = bad
         for st in stats:
             st["skipped"] = bad
+        return guided, new_nu, stats, bad
+
+    def step(self, grads: list[torch.Tensor | None]):
+        active = [i for i, g in enumerate(grads) if g is not None]
+        G = {i: grads[i].detach().to(F64) for i in active}
+        guided, new_nu, self.stats, bad = self.guide(grads)
+        self.skipped = bad
         if bad:
             return
         self.nu.update(new_nu)
@@ -120,7 +126,7 @@ class Oracle:
             u = guided[i]
             mode = h["reference"]
             if mode == "ema":
-                self.ref[i] = h["ref_beta"] * self.ref[i] + (1 - h["ref_beta"]) * G[i].reshape(u.shape)
+                self.ref[i] = h["ref_beta"] * self.ref[i] + (1 - h["ref_beta"]) * G[i]
             self.t[i] += 1
             t = self.t[i]
             self.m[i] = b1 * self.m[i] + (1 - b1) * u
