@@ -3,10 +3,32 @@
 ``import sgg_fast`` imports neither triton nor a compiled extension; backends load them lazily.
 """
 
-from .backends import available_backends
-from .optimizer import SGGAdamW
-from .source import source_gradients
-from .wrapper import GradientGuidance
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+
+class _SourceTreeKernels(importlib.abc.MetaPathFinder):
+    """Resolve ``sgg_fast.kernels`` to ``<checkout>/kernels`` when running from a source checkout
+    that was not installed (an install maps it through ``package_dir``)."""
+
+    _dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "sgg_fast.kernels" or not os.path.isfile(os.path.join(self._dir, "__init__.py")):
+            return None
+        return importlib.util.spec_from_file_location(
+            name, os.path.join(self._dir, "__init__.py"), submodule_search_locations=[self._dir])
+
+
+if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")):
+    sys.meta_path.append(_SourceTreeKernels())
+
+from .backends import available_backends  # noqa: E402
+from .optimizer import SGGAdamW  # noqa: E402
+from .source import source_gradients  # noqa: E402
+from .wrapper import GradientGuidance  # noqa: E402
 
 __version__ = "0.1.0"
 
