@@ -115,7 +115,7 @@ def test_zero_reference():
     zero = [None, torch.zeros(5, dtype=F64), None, torch.zeros(3, dtype=F64)]
     pen = guidance_penalty(_loss(params, x, y), params, zero, 0.4, 1.0, 0.05)
     only_mag = guidance_penalty(_loss(params, x, y), params, None, 0.0, 1.0, 0.05)
-    assert float(pen) == pytest.approx(0.4 + float(only_mag), rel=1e-12)
+    assert float(pen.detach()) == pytest.approx(0.4 + float(only_mag), rel=1e-12)
     g1 = torch.autograd.grad(pen, params)
     g2 = torch.autograd.grad(only_mag, params)
     for a, b in zip(g1, g2):
@@ -129,12 +129,12 @@ def test_norm_below_threshold_is_inactive():
     loss = _loss(params, x, y)
     n = float(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)]).norm())
     pen = guidance_penalty(loss, params, None, 0.0, 3.0, n * 1.01)
-    assert float(pen) == 0.0
+    assert float(pen.detach()) == 0.0
     for gp in torch.autograd.grad(pen, params, allow_unused=True):
         assert gp is None or torch.equal(gp, torch.zeros_like(gp))
     # just above the threshold it is active again (the test above is not vacuous)
     pen = guidance_penalty(_loss(params, x, y), params, None, 0.0, 3.0, n * 0.99)
-    assert float(pen) == pytest.approx(3.0 * 0.5 * (0.01 * n) ** 2, rel=1e-6)
+    assert float(pen.detach()) == pytest.approx(3.0 * 0.5 * (0.01 * n) ** 2, rel=1e-6)
 
 
 def test_zero_gradient_gives_no_nan():
@@ -143,7 +143,7 @@ def test_zero_gradient_gives_no_nan():
     q = torch.randn(3, dtype=F64, requires_grad=True)
     loss = (p ** 2).sum() + 0.0 * q.sum()  # ∂/∂p = 2p = 0 at p = 0, ∂/∂q = 0
     pen = guidance_penalty(loss, [p, q], [torch.ones(4, dtype=F64), torch.ones(3, dtype=F64)], 0.3, 1.0, 0.0)
-    assert float(pen) == pytest.approx(0.3)
+    assert float(pen.detach()) == pytest.approx(0.3)
     (loss + pen).backward()
     assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
     assert torch.equal(p.grad, torch.zeros(4, dtype=F64))
@@ -170,7 +170,7 @@ def test_float32_model_agrees_with_float64():
 def test_both_weights_zero_is_zero():
     params, x, y, refs = _problem()
     pen = guidance_penalty(_loss(params, x, y), params, refs, 0.0, 0.0, 1.0)
-    assert float(pen) == 0.0
+    assert float(pen.detach()) == 0.0
 
 
 def test_bad_input():
