@@ -155,7 +155,7 @@ def test_unused_parameter_and_dict_reference():
     loss = _loss(params, x, y)
     a = guidance_penalty(loss, params + [unused], {p: r for p, r in zip(params, refs)}, 0.6, 0.5, 0.02)
     b = guidance_penalty(_loss(params, x, y), params, refs, 0.6, 0.5, 0.02)
-    assert float(a) == pytest.approx(float(b), rel=1e-12)
+    assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-12)
 
 
 def test_float32_model_agrees_with_float64():
@@ -164,7 +164,7 @@ def test_float32_model_agrees_with_float64():
     a = guidance_penalty(_loss(p32, x.float(), y.float()), p32, [r.float() for r in refs], 0.3, 1.0, 0.05)
     b = guidance_penalty(_loss(params, x, y), params, refs, 0.3, 1.0, 0.05)
     assert a.dtype == torch.float32
-    assert float(a) == pytest.approx(float(b), rel=1e-4)
+    assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-4)
 
 
 def test_both_weights_zero_is_zero():
