@@ -29,7 +29,7 @@ from sgg_fast import guidance as _G
 
 from . import count_launch
 from . import layout as L
-from .stats import BLOCK, NUM_WARPS, _load_f32
+from .stats import BLOCK, NUM_WARPS, _load_f32, _ptr
 
 _MC = tl.constexpr(L.META_COLS)
 _G_ = tl.constexpr(L.G)
@@ -73,21 +73,21 @@ def _to_bf16(x):
 
 
 @triton.jit
-def _store_as(addr, offs, x, mask, code, DT: tl.constexpr):
+def _store_as(addr, offs, x, mask, code, DT: tl.constexpr, ALIGNED: tl.constexpr):
     """Store float32 ``x`` at ``addr[offs]`` (an int64 address) in the tensor's element type."""
     if DT == 0:
-        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask)
+        tl.store(_ptr(addr, tl.float32, ALIGNED) + offs, x, mask=mask)
     elif DT == 1:
-        tl.store(addr.to(tl.pointer_type(tl.bfloat16)) + offs, _to_bf16(x), mask=mask)
+        tl.store(_ptr(addr, tl.bfloat16, ALIGNED) + offs, _to_bf16(x), mask=mask)
     elif DT == 2:
-        tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask)
+        tl.store(_ptr(addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
     else:
         if code == 0:
-            tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask)
+            tl.store(_ptr(addr, tl.float32, ALIGNED) + offs, x, mask=mask)
         elif code == 1:
-            tl.store(addr.to(tl.pointer_type(tl.bfloat16)) + offs, _to_bf16(x), mask=mask)
+            tl.store(_ptr(addr, tl.bfloat16, ALIGNED) + offs, _to_bf16(x), mask=mask)
         else:
-            tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask)
+            tl.store(_ptr(addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
 
 
 @triton.jit
@@ -104,23 +104,23 @@ def _one_minus_pow(ln_b, t):
 @triton.jit
 def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, mask, code, read_r, is_ema, is_m,
                  alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb,
-                 DT: tl.constexpr):
+                 DT: tl.constexpr, ALIGNED: tl.constexpr):
     """DESIGN §1 D on one block: u = α·g + β·r, the ema update, m, v, p (fp32 registers)."""
-    g = _load_f32(g_addr, offs, mask, code, DT)
-    m = _load_f32(m_addr, offs, mask, code, DT)
-    v = _load_f32(v_addr, offs, mask, code, DT)
-    p = _load_f32(p_addr, offs, mask, code, DT)
-    r = _load_f32(r_addr, offs, mask & read_r, code, DT)
+    g = _load_f32(g_addr, offs, mask, code, DT, ALIGNED)
+    m = _load_f32(m_addr, offs, mask, code, DT, ALIGNED)
+    v = _load_f32(v_addr, offs, mask, code, DT, ALIGNED)
+    p = _load_f32(p_addr, offs, mask, code, DT, ALIGNED)
+    r = _load_f32(r_addr, offs, mask & read_r, code, DT, ALIGNED)
     r = tl.where(is_m, m, r)                   # momentum reference: exp_avg before the step
     u = alpha * g + beta * r
-    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT)
+    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT, ALIGNED)
     m = b1 * m + omb1 * u
     v = b2 * v + omb2 * (u * u)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p * decay - step_size * tl.div_rn(m, denom)
-    _store_as(p_addr, offs, p, mask, code, DT)
-    _store_as(m_addr, offs, m, mask, code, DT)
-    _store_as(v_addr, offs, v, mask, code, DT)
+    _store_as(p_addr, offs, p, mask, code, DT, ALIGNED)
+    _store_as(m_addr, offs, m, mask, code, DT, ALIGNED)
+    _store_as(v_addr, offs, v, mask, code, DT, ALIGNED)
 
 
 @triton.jit
@@ -153,12 +153,6 @@ def _apply_kernel(
     read_r = (rkind == _R_READ) | (rkind == _R_EMA)
     is_ema = rkind == _R_EMA
     is_m = rkind == _R_IS_M
-    if ALIGNED:
-        g_addr = tl.multiple_of(g_addr, 16)
-        r_addr = tl.multiple_of(r_addr, 16)
-        p_addr = tl.multiple_of(p_addr, 16)
-        m_addr = tl.multiple_of(m_addr, 16)
-        v_addr = tl.multiple_of(v_addr, 16)
 
     live = tl.load(out_ptr + _O_SKIP) == 0  # row 0's skip flag (the same in every row)
     alpha = tl.load(out_ptr + seg * _NOUT + _O_ALPHA)
@@ -190,11 +184,11 @@ def _apply_kernel(
             base = tl.multiple_of(base, 16)
         offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
         _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, full, code, read_r, is_ema, is_m,
-                     alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb, DT)
+                     alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb, DT, ALIGNED)
     if n_full < n_here:
         offs = start + n_full + tl.arange(0, BLOCK)
         _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, offs < numel, code, read_r, is_ema,
-                     is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb, DT)
+                     is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb, DT, False)
 
     first = live & (start == 0)
     step_addr = tl.load(mrow + _STEP)
@@ -215,12 +209,13 @@ def launch_apply(meta, chunks, hyper, out, steps_old, *, chunk: int, dt: int, al
 
 
 @triton.jit
-def _guide_block(g_addr, r_addr, offs, mask, code, read_r, is_ema, alpha, beta, rb, omrb, DT: tl.constexpr):
+def _guide_block(g_addr, r_addr, offs, mask, code, read_r, is_ema, alpha, beta, rb, omrb, DT: tl.constexpr,
+                 ALIGNED: tl.constexpr):
     """g ← α·g + β·r in place; r ← ref_beta·r + (1-ref_beta)·g (raw g) for the ema reference."""
-    g = _load_f32(g_addr, offs, mask, code, DT)
-    r = _load_f32(r_addr, offs, mask & read_r, code, DT)
-    _store_as(g_addr, offs, alpha * g + beta * r, mask, code, DT)
-    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT)
+    g = _load_f32(g_addr, offs, mask, code, DT, ALIGNED)
+    r = _load_f32(r_addr, offs, mask & read_r, code, DT, ALIGNED)
+    _store_as(g_addr, offs, alpha * g + beta * r, mask, code, DT, ALIGNED)
+    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT, ALIGNED)
 
 
 @triton.jit
@@ -248,9 +243,6 @@ def _guide_kernel(
     rkind = (flags >> 2) & 3
     read_r = (rkind == _R_READ) | (rkind == _R_EMA)
     is_ema = rkind == _R_EMA
-    if ALIGNED:
-        g_addr = tl.multiple_of(g_addr, 16)
-        r_addr = tl.multiple_of(r_addr, 16)
 
     live = tl.load(out_ptr + _O_SKIP) == 0
     alpha = tl.load(out_ptr + seg * _NOUT + _O_ALPHA)
@@ -266,10 +258,10 @@ def _guide_kernel(
         if ALIGNED:
             base = tl.multiple_of(base, 16)
         offs = base + tl.arange(0, BLOCK)
-        _guide_block(g_addr, r_addr, offs, full, code, read_r, is_ema, alpha, beta, rb, omrb, DT)
+        _guide_block(g_addr, r_addr, offs, full, code, read_r, is_ema, alpha, beta, rb, omrb, DT, ALIGNED)
     if n_full < n_here:
         offs = start + n_full + tl.arange(0, BLOCK)
-        _guide_block(g_addr, r_addr, offs, offs < numel, code, read_r, is_ema, alpha, beta, rb, omrb, DT)
+        _guide_block(g_addr, r_addr, offs, offs < numel, code, read_r, is_ema, alpha, beta, rb, omrb, DT, False)
 
     first = live & (start == 0)
     nu_addr = tl.load(mrow + _NU)

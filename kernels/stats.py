@@ -69,34 +69,45 @@ FINALIZE_WARPS = 4
 
 
 @triton.jit
-def _load_f32(addr, offs, mask, code, DT: tl.constexpr):
+def _ptr(addr, ty: tl.constexpr, ALIGNED: tl.constexpr):
+    """The int64 address ``addr`` as a pointer to ``ty`` (16-byte aligned when ``ALIGNED``: the
+    hint on the pointer itself is what lets the compiler emit 16-byte vector accesses)."""
+    ptr = addr.to(tl.pointer_type(ty))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load_f32(addr, offs, mask, code, DT: tl.constexpr, ALIGNED: tl.constexpr):
     """Load ``addr[offs]`` (``addr``: an int64 address) as float32; 0 where ``mask`` is off.
 
     ``DT``: the element type of every tensor (0 fp32, 1 bf16, 2 fp16) known at compile time, or
     -1: dispatch on ``code`` (this tensor's type) at run time (a uniform branch per program).
     """
     if DT == 0:
-        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(_ptr(addr, tl.float32, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
     elif DT == 1:
-        x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(_ptr(addr, tl.bfloat16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
     elif DT == 2:
-        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(_ptr(addr, tl.float16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         if code == 0:
-            x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(_ptr(addr, tl.float32, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
         elif code == 1:
-            x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(_ptr(addr, tl.bfloat16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(_ptr(addr, tl.float16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
     return x
 
 
 @triton.jit
-def _stats_block(g_addr, r_addr, p_addr, offs, mask, has_r, want_pp, code, DT: tl.constexpr):
+def _stats_block(g_addr, r_addr, p_addr, offs, mask, has_r, want_pp, code, DT: tl.constexpr,
+                 ALIGNED: tl.constexpr):
     """g², r², g·r, p² of one block (r = 0 unless ``has_r``, p = 0 unless ``want_pp``)."""
-    g = _load_f32(g_addr, offs, mask, code, DT)
-    r = _load_f32(r_addr, offs, mask & has_r, code, DT)
-    p = _load_f32(p_addr, offs, mask & want_pp, code, DT)
+    g = _load_f32(g_addr, offs, mask, code, DT, ALIGNED)
+    r = _load_f32(r_addr, offs, mask & has_r, code, DT, ALIGNED)
+    p = _load_f32(p_addr, offs, mask & want_pp, code, DT, ALIGNED)
     return g * g, r * r, g * r, p * p
 
 
@@ -124,10 +135,6 @@ def _stats_kernel(
     code = flags & 3
     has_r = ((flags >> 2) & 3) != _R_NONE
     want_pp = (flags & _F_PP) != 0
-    if ALIGNED:
-        g_addr = tl.multiple_of(g_addr, 16)
-        r_addr = tl.multiple_of(r_addr, 16)
-        p_addr = tl.multiple_of(p_addr, 16)
 
     acc_gg = tl.zeros([BLOCK], dtype=tl.float32)
     acc_rr = tl.zeros([BLOCK], dtype=tl.float32)
@@ -142,14 +149,14 @@ def _stats_kernel(
         if ALIGNED:
             base = tl.multiple_of(base, 16)
         offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
-        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, full, has_r, want_pp, code, DT)
+        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, full, has_r, want_pp, code, DT, ALIGNED)
         acc_gg += gg
         acc_rr += rr
         acc_gr += gr
         acc_pp += pp
     if n_full < n_here:
         offs = start + n_full + tl.arange(0, BLOCK)
-        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, offs < numel, has_r, want_pp, code, DT)
+        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, offs < numel, has_r, want_pp, code, DT, False)
         acc_gg += gg
         acc_rr += rr
         acc_gr += gr
