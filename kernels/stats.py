@@ -53,19 +53,31 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 #: elements per inner iteration of a program (8 bf16 / 2x4 fp32 per thread with 4 warps:
 #: full 16-byte vector loads)
 BLOCK = 1024
-#: elements per chunk (one program) on a GPU: 16 iterations of BLOCK; 1e9 parameters make
-#: ~61k programs and a 1 MB partials buffer. Must be a multiple of BLOCK.
-CHUNK_GPU = 16384
+#: elements per chunk (one program) on a GPU: chosen per parameter list by :func:`gpu_chunk`,
+#: a power of two between these bounds, aiming at CHUNK_PROGRAMS_PER_SM programs per SM (enough
+#: resident warps to saturate memory bandwidth for small lists; few, long programs and a small
+#: partials buffer for large ones: 1e9 parameters -> 65536 -> ~15k programs, 240 kB partials)
+CHUNK_MIN_GPU = 4096
+CHUNK_MAX_GPU = 65536
+CHUNK_PROGRAMS_PER_SM = 16
 #: elements per chunk under TRITON_INTERPRET=1 (each program costs Python time there; small
 #: so that the CPU tests cover tensors that span several chunks)
 CHUNK_INTERPRET = 4096
-#: finalize tile: SEG_BLOCK segments x PART_BLOCK partial rows per iteration (4 running-sum
-#: tiles of 2048 fp32 over 4 warps: 64 registers per thread)
-SEG_BLOCK = 16
-PART_BLOCK = 128
+#: finalize tile: TILE running sums per statistic (SB segments x TILE/SB partial rows), 4 tiles
+#: of 2048 fp32 over 8 warps = 32 registers per thread; SB adapts to the number of segments so
+#: that one large segment (granularity="global") reads 2048 partial rows per iteration
+FINALIZE_TILE = 2048
+MAX_SEG_BLOCK = 16
 #: num_warps of the multi-tensor kernels / of the one-program finalize
 NUM_WARPS = 4
-FINALIZE_WARPS = 4
+FINALIZE_WARPS = 8
+
+
+def gpu_chunk(total_elements: int, sm_count: int) -> int:
+    """The chunk size for a parameter list of ``total_elements`` on a GPU with ``sm_count`` SMs."""
+    target = max(1, total_elements // max(1, sm_count * CHUNK_PROGRAMS_PER_SM))
+    chunk = 1 << max(0, target.bit_length() - 1)  # the power of two <= target
+    return min(CHUNK_MAX_GPU, max(CHUNK_MIN_GPU, chunk))
 
 
 @triton.jit
@@ -196,7 +208,7 @@ def _clamp_min(x, lo):
     return tl.where(x < lo, lo, x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _finalize_kernel(
     partials_ptr,   # float32 [C, 4]: per-chunk (gg, rr, gr, pp), segment s owns rows lo..hi-1
     segs_ptr,       # int64 [S, SEG_COLS]: (lo, hi, address of the segment's norm_ema or 0)
@@ -349,6 +361,7 @@ def launch_finalize(partials, segs, hyper, nu, red, out, *, nu_mode: int, reduce
         return
     count_launch("reduce" if reduce_only else "finalize")
     cancel_tol = _G.CANCEL_EPS * 1.1920928955078125e-07  # torch.finfo(torch.float32).eps
+    sb = min(MAX_SEG_BLOCK, triton.next_power_of_2(S))
     _finalize_kernel[(1,)](partials, segs, hyper, nu, red, out, S, cancel_tol,
-                           SB=SEG_BLOCK, KB=PART_BLOCK, NU_MODE=nu_mode, REDUCE_ONLY=reduce_only,
+                           SB=sb, KB=FINALIZE_TILE // sb, NU_MODE=nu_mode, REDUCE_ONLY=reduce_only,
                            num_warps=FINALIZE_WARPS, enable_fp_fusion=False)

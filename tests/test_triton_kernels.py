@@ -599,3 +599,22 @@ def test_cuda_matches_torch_backend_llm_shaped(cfg, dtype):
         torch.testing.assert_close(x.float(), y.float(), **tol)
     for k in ("grad_norm", "cos", "guided_norm", "mag_scale"):
         torch.testing.assert_close(oa.last_stats()[k], ob.last_stats()[k], rtol=1e-4, atol=1e-5)
+
+
+def test_info_lists_triton_with_its_reason():
+    import subprocess
+    import sys
+
+    def line(env):
+        res = subprocess.run([sys.executable, "-m", "sgg_fast.info"], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        return next(ln for ln in res.stdout.splitlines() if ln.startswith("triton ") and "able" in ln)
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    assert " available " in line(env) and "TRITON_INTERPRET=1" in line(env)
+    env.pop("TRITON_INTERPRET")
+    plain = line(env)
+    if HAS_CUDA:
+        assert " available " in plain
+    else:
+        assert "unavailable" in plain and "no CUDA device" in plain

@@ -52,6 +52,15 @@ def _kernels():
     return kstats, kapply, layout
 
 
+_SM_COUNT: dict = {}
+
+
+def _sm_count(dev: torch.device) -> int:
+    if dev not in _SM_COUNT:
+        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SM_COUNT[dev]
+
+
 class _Tables:
     """Per-optimizer cache of the device tables (lives in ``plan.cache["triton"]``)."""
 
@@ -69,8 +78,7 @@ class _Tables:
         self.chunk = None
         self.hyper_key = None
         self.hyper = None          # float32 [NG, HYP_COLS] on the device
-        self.segs_key = None
-        self.segs = None           # int64 [S, SEG_COLS] on the device
+        self.segs = {}             # key -> int64 [S, SEG_COLS] on the device
         self.plan = None           # weakref to the plan the tables were last validated for
 
 
@@ -87,14 +95,20 @@ def _describe(t: torch.Tensor) -> str:
 
 class TritonBackend(Backend):
     name = "triton"
-    description = ("Triton multi-tensor kernels: 3 launches per step (statistics, finalize, apply); "
-                   "CUDA (CPU only through TRITON_INTERPRET=1, for tests)")
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     # preferred on CUDA; never picked by "auto" for CPU tensors (the interpreter is for tests)
     auto_priority = {"cuda": 10}
     device_skip = True
     #: finalize reads plan.norm_emas and apply/guide write them back (the optimizer passes nu=None)
     owns_norm_ema = True
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        if interpreting():
+            return ("Triton kernels through TRITON_INTERPRET=1 on CPU tensors (slow: for tests; "
+                    "unset it for CUDA tensors); 3 launches per step")
+        return ("Triton multi-tensor kernels on CUDA: 3 launches per step (statistics, finalize, "
+                "apply); CPU tensors only through TRITON_INTERPRET=1, for tests")
 
     @property
     def device_types(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -172,7 +186,13 @@ class TritonBackend(Backend):
         dev = plan.home
         has_state = len(plan.exp_avgs) == P
         has_steps = len(plan.steps) == P
-        chunk = CHUNK_OVERRIDE or (kstats.CHUNK_INTERPRET if interpreting() else kstats.CHUNK_GPU)
+        if CHUNK_OVERRIDE:
+            chunk = CHUNK_OVERRIDE
+        elif dev.type == "cpu":
+            chunk = kstats.CHUNK_INTERPRET
+        else:
+            total = sum(p.numel() for p in plan.params)
+            chunk = kstats.gpu_chunk(total, _sm_count(dev))
         if chunk % kstats.BLOCK:
             raise ValueError(f"triton chunk size {chunk} is not a multiple of BLOCK={kstats.BLOCK}")
 
@@ -272,7 +292,7 @@ class TritonBackend(Backend):
         codes = {f & 3 for f in flags}
         tab.dt = codes.pop() if len(codes) == 1 else L.DT_MIXED
         tab.chunk = chunk
-        tab.segs_key = None
+        tab.segs = {}
 
     @staticmethod
     def _hyper_values(group: dict) -> tuple:
@@ -294,14 +314,17 @@ class TritonBackend(Backend):
         return row
 
     def _segs(self, plan: StepPlan, tab: _Tables, offsets: list[int], L) -> torch.Tensor:
+        """Segment table for these partial offsets (chunk-level, or reduced: one row per segment)."""
         nus = [plan.norm_emas[s.start] for s in plan.segments]
         key = (tuple(offsets), tuple(0 if t is None else t.data_ptr() for t in nus))
-        if key != tab.segs_key:
+        segs = tab.segs.get(key)
+        if segs is None:
             rows = [[offsets[s], offsets[s + 1], key[1][s]] for s in range(len(nus))]
-            tab.segs = _upload(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), L.SEG_COLS),
-                               plan.home)
-            tab.segs_key = key
-        return tab.segs
+            segs = _upload(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), L.SEG_COLS), plan.home)
+            if len(tab.segs) >= 4:
+                tab.segs.clear()
+            tab.segs[key] = segs
+        return segs
 
     # -- the stages --------------------------------------------------------------------------
     def stats(self, plan: StepPlan) -> Partials:
