@@ -19,6 +19,7 @@ Triton is imported lazily, on the first step.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -87,6 +88,11 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return host.clone()
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -330,8 +336,9 @@ class TritonBackend(Backend):
     def stats(self, plan: StepPlan) -> Partials:
         kstats, _, _ = _kernels()
         tab = self._tables(plan)
-        kstats.launch_stats(tab.meta, tab.chunks, tab.partials, tab.steps_old, chunk=tab.chunk,
-                            dt=tab.dt, aligned=tab.aligned, copy_steps=len(plan.steps) == len(plan.params))
+        with _on(plan.home):
+            kstats.launch_stats(tab.meta, tab.chunks, tab.partials, tab.steps_old, chunk=tab.chunk,
+                                dt=tab.dt, aligned=tab.aligned, copy_steps=len(plan.steps) == len(plan.params))
         return Partials(tab.partials, list(tab.seg_offsets))
 
     def reduce(self, plan: StepPlan, partials: Partials) -> Partials:
@@ -343,7 +350,8 @@ class TritonBackend(Backend):
         segs = self._segs(plan, tab, partials.offsets, L)
         S = plan.num_segments
         red = torch.empty(S, 4, dtype=torch.float32, device=plan.home)
-        kstats.launch_finalize(partials.values, segs, red, red, red, red, nu_mode=0, reduce_only=True)
+        with _on(plan.home):
+            kstats.launch_finalize(partials.values, segs, red, red, red, red, nu_mode=0, reduce_only=True)
         return Partials(red, list(range(S + 1)))
 
     def finalize(self, plan: StepPlan, partials: Partials, hyper: torch.Tensor,
@@ -364,20 +372,23 @@ class TritonBackend(Backend):
             nu_mode, nu_t = 1, nu.to(device=dev, dtype=torch.float32).contiguous()
         red = torch.empty(S, 4, dtype=torch.float32, device=dev)
         out = torch.empty(S, len(G.OUT_COLS), dtype=torch.float32, device=dev)
-        kstats.launch_finalize(values, segs, hyper, nu_t, red, out, nu_mode=nu_mode)
+        with _on(dev):
+            kstats.launch_finalize(values, segs, hyper, nu_t, red, out, nu_mode=nu_mode)
         return out
 
     def apply(self, plan: StepPlan, out: torch.Tensor) -> None:
         _, kapply, _ = _kernels()
         tab = self._tables(plan)
-        kapply.launch_apply(tab.meta, tab.chunks, tab.hyper, out, tab.steps_old, chunk=tab.chunk,
-                            dt=tab.dt, aligned=tab.aligned)
+        with _on(plan.home):
+            kapply.launch_apply(tab.meta, tab.chunks, tab.hyper, out, tab.steps_old, chunk=tab.chunk,
+                                dt=tab.dt, aligned=tab.aligned)
 
     def guide(self, plan: StepPlan, out: torch.Tensor) -> None:
         _, kapply, _ = _kernels()
         tab = self._tables(plan)
-        kapply.launch_guide(tab.meta, tab.chunks, tab.hyper, out, chunk=tab.chunk, dt=tab.dt,
-                            aligned=tab.aligned)
+        with _on(plan.home):
+            kapply.launch_guide(tab.meta, tab.chunks, tab.hyper, out, chunk=tab.chunk, dt=tab.dt,
+                                aligned=tab.aligned)
 
 
 register(TritonBackend())
