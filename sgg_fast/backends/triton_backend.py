@@ -250,21 +250,26 @@ class TritonBackend(Backend):
         sp = [t.data_ptr() for t in plan.steps] if has_steps else [0] * P
         np_ = [0 if t is None else t.data_ptr() for t in plan.norm_emas]
         ptrs = (gp, rp, pp, mp, vp, sp, np_)
-        if ptrs != tab.ptrs:
+        cols = (L.G, L.R, L.P, L.M, L.V, L.STEP, L.NU)
+        changed = [k for k in range(len(ptrs)) if tab.ptrs is None or ptrs[k] != tab.ptrs[k]]
+        # gradients must match their parameter's shape, dtype and device (build_plan checks it):
+        # only their layout is left to check; anything else that moved gets the full check
+        if any(k != 0 for k in changed):
             problems = self._tensor_problems(plan, limit=3)
             if problems:
                 raise RuntimeError("backend='triton' cannot run this step: " + "; ".join(problems))
+        else:
+            for i, g in enumerate(plan.grads):
+                if not g.is_contiguous():
+                    raise RuntimeError(f"backend='triton' needs contiguous gradients: that of "
+                                       f"{plan.labels[i]} ({_describe(g)}) is not (use backend='torch')")
+        if changed:
             host = tab.meta_host
-            for col, vals in zip((L.G, L.R, L.P, L.M, L.V, L.STEP, L.NU), ptrs):
-                host[:, col] = torch.tensor(vals, dtype=torch.int64)
+            for k in changed:
+                host[:, cols[k]] = torch.tensor(ptrs[k], dtype=torch.int64)
             tab.meta = _upload(host, dev)
             tab.aligned = all(a % 16 == 0 for lst in ptrs[:5] for a in lst) and chunk % 16 == 0
             tab.ptrs = ptrs
-        else:
-            for i, g in enumerate(plan.grads):  # cheap: a grad replaced by a view at the same address
-                if not g.is_contiguous():
-                    raise RuntimeError(f"backend='triton' needs contiguous gradients: that of "
-                                       f"{plan.labels[i]} is not (use backend='torch')")
 
         # per-group AdamW settings (runtime values: an LR schedule only re-uploads this table)
         hkey = tuple(self._hyper_values(g) for g in plan.groups)
