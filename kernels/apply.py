@@ -49,6 +49,17 @@ _R_IS_M = tl.constexpr(L.R_IS_M)
 _F_NU = tl.constexpr(L.F_NU)
 _F_STEP = tl.constexpr(L.F_STEP)
 _HC = tl.constexpr(L.HYP_COLS)
+_H_LR = tl.constexpr(L.H_LR)
+_H_DECAY = tl.constexpr(L.H_DECAY)
+_H_EPS = tl.constexpr(L.H_EPS)
+_H_B1 = tl.constexpr(L.H_B1)
+_H_OMB1 = tl.constexpr(L.H_OMB1)
+_H_B2 = tl.constexpr(L.H_B2)
+_H_OMB2 = tl.constexpr(L.H_OMB2)
+_H_LNB1 = tl.constexpr(L.H_LNB1)
+_H_LNB2 = tl.constexpr(L.H_LNB2)
+_H_RB = tl.constexpr(L.H_RB)
+_H_OMRB = tl.constexpr(L.H_OMRB)
 _NOUT = tl.constexpr(len(_G.OUT_COLS))
 _O_ALPHA = tl.constexpr(_G.O_ALPHA)
 _O_BETA = tl.constexpr(_G.O_BETA)
@@ -158,17 +169,17 @@ def _apply_kernel(
     alpha = tl.load(out_ptr + seg * _NOUT + _O_ALPHA)
     beta = tl.load(out_ptr + seg * _NOUT + _O_BETA)
     h = hyper_ptr + grp * _HC
-    lr = tl.load(h + 0)
-    decay = tl.load(h + 1)      # 1 - lr·weight_decay
-    eps = tl.load(h + 2)
-    b1 = tl.load(h + 3)
-    omb1 = tl.load(h + 4)       # 1 - β1
-    b2 = tl.load(h + 5)
-    omb2 = tl.load(h + 6)       # 1 - β2
-    lnb1 = tl.load(h + 7)       # ln β1 (-inf for β1 = 0)
-    lnb2 = tl.load(h + 8)
-    rb = tl.load(h + 9)         # ref_beta
-    omrb = tl.load(h + 10)      # 1 - ref_beta
+    lr = tl.load(h + _H_LR)
+    decay = tl.load(h + _H_DECAY)      # 1 - lr·weight_decay
+    eps = tl.load(h + _H_EPS)
+    b1 = tl.load(h + _H_B1)
+    omb1 = tl.load(h + _H_OMB1)        # 1 - β1
+    b2 = tl.load(h + _H_B2)
+    omb2 = tl.load(h + _H_OMB2)        # 1 - β2
+    lnb1 = tl.load(h + _H_LNB1)        # ln β1 (-inf for β1 = 0)
+    lnb2 = tl.load(h + _H_LNB2)
+    rb = tl.load(h + _H_RB)            # ref_beta
+    omrb = tl.load(h + _H_OMRB)        # 1 - ref_beta
 
     t = tl.load(steps_ptr + row) + 1.0
     step_size = tl.div_rn(lr, _one_minus_pow(lnb1, t))    # lr / (1 - β1^t)
@@ -247,8 +258,8 @@ def _guide_kernel(
     live = tl.load(out_ptr + _O_SKIP) == 0
     alpha = tl.load(out_ptr + seg * _NOUT + _O_ALPHA)
     beta = tl.load(out_ptr + seg * _NOUT + _O_BETA)
-    rb = tl.load(hyper_ptr + grp * _HC + 9)
-    omrb = tl.load(hyper_ptr + grp * _HC + 10)
+    rb = tl.load(hyper_ptr + grp * _HC + _H_RB)
+    omrb = tl.load(hyper_ptr + grp * _HC + _H_OMRB)
 
     n_here = tl.where(live, tl.minimum(numel - start, CHUNK), 0)
     n_full = (n_here // BLOCK) * BLOCK

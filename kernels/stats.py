@@ -50,6 +50,12 @@ _BLEND_EPS = tl.constexpr(_G.BLEND_EPS)
 _PARAM_FLOOR = tl.constexpr(_G.PARAM_NORM_FLOOR)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
+# the finalize kernel reads HYPER_COLS and writes OUT_COLS by position
+assert (_G.H_LDIR, _G.H_LMAG, _G.H_LALIGN, _G.H_MODE, _G.H_MAXNORM, _G.H_RATIO, _G.H_MBETA) == tuple(range(7))
+assert (_G.O_ALPHA, _G.O_BETA, _G.O_NU, _G.O_GNORM, _G.O_RNORM, _G.O_COS, _G.O_CONFLICT, _G.O_UNORM,
+        _G.O_SCALE, _G.O_DIRPEN, _G.O_MAGPEN, _G.O_BAD, _G.O_SKIP) == tuple(range(13))
+assert _G.MAG_MODES == {"absolute": 0, "relative": 1, "param": 2}
+
 #: elements per inner iteration of a program (8 bf16 / 2x4 fp32 per thread with 4 warps:
 #: full 16-byte vector loads)
 BLOCK = 1024
