@@ -33,7 +33,6 @@ from . import register
 from .base import Backend, Partials
 
 _DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_REF_EMA_NAME = REFERENCES[REF_EMA]
 
 #: chunk size override (elements, a multiple of the kernels' BLOCK); None: the kernels' default
 CHUNK_OVERRIDE: int | None = None
