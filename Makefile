@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.sgg_fast_installed
 DEPS    := torch==2.14.1 triton transformers pytest pytest-benchmark ninja numpy tqdm matplotlib setuptools wheel
 
-.PHONY: install test bench info clean
+.PHONY: install test test-triton bench info clean
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) test-triton
+
+# the triton backend on CPU tensors through Triton's interpreter (only its parameters of the
+# backend-parametrised tests, plus tests/test_triton_*.py); CUDA-only tests run in gpu_check.sh
+test-triton: $(STAMP)
+	TRITON_INTERPRET=1 SGG_FAST_TEST_BACKENDS=triton $(BIN)/python -m pytest -q tests -m "not cuda"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

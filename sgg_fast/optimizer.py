@@ -162,11 +162,14 @@ class _GuidedMixin:
     def _run_guided(self, plan: StepPlan, stage: str) -> torch.Tensor:
         """Statistics → finalize → ``stage`` ("apply" or "guide"); returns the finalize output."""
         backend = self._resolve(plan)
+        owns_nu = getattr(backend, "owns_norm_ema", False)  # reads/writes norm_ema itself
         partials = backend.stats(plan)
-        out = backend.finalize(plan, partials, plan.hyper(partials.values.dtype), self._gather_nu(plan))
+        nu = None if owns_nu else self._gather_nu(plan)
+        out = backend.finalize(plan, partials, plan.hyper(partials.values.dtype), nu)
         self._check_finite(plan, out)
         getattr(backend, stage)(plan, out)
-        self._scatter_nu(plan, out)
+        if not owns_nu:
+            self._scatter_nu(plan, out)
         self._last_out, self._last_plan = out, plan
         return out
 
