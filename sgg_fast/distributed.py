@@ -265,48 +265,67 @@ def _localize(plan: StepPlan, i: int, DT, owner: str):
 
 
 @dataclass
-class _Job:
-    """Statistics of a set of plan tensors, summed over ``groups`` (in order)."""
+class _Part:
+    """Statistics of some plan tensors computed on a sub-plan: to subtract from the whole plan's
+    rows and, unless ``job`` is None (replicated copies counted elsewhere), add to ``job``'s."""
 
-    sub: StepPlan | None       # None: the whole plan
-    slots: torch.Tensor | None  # [S_sub] slot of each sub-plan segment (None: no local tensor)
-    groups: list
+    job: int | None
+    sub: StepPlan
+    parents: torch.Tensor     # [S_sub] segment of the whole plan of each sub-plan segment
+    slots: torch.Tensor       # [S_sub] their slots
 
 
 class StatsSync:
-    """One step's cross-rank statistics: local stats → reduce → all-reduce(SUM) → ``[S, 4]``."""
+    """One step's cross-rank statistics: local stats → reduce → all-reduce(SUM) → ``[S, 4]``.
 
-    def __init__(self, jobs: list[_Job], seg_slot: torch.Tensor, n_slots: int, identity: bool,
-                 absent: torch.Tensor | None, dtype: torch.dtype):
-        self.jobs, self.seg_slot, self.n_slots = jobs, seg_slot, n_slots
+    ``backend.stats(plan)`` runs exactly once per step on the whole plan, as the last statistics
+    call before finalize and apply (a backend may keep per-plan state between its stats and apply
+    stages). When the tensors of one step are summed over different groups (mixed placements, or
+    DTensors next to plain tensors), the minority sets run on sub-plans first and are subtracted
+    from the whole plan's rows: ``main = whole - Σ parts`` (exact up to rounding of the order of
+    ``eps·|part|``; a non-finite part stays non-finite, so the skip decision is unchanged).
+    """
+
+    def __init__(self, groups: list[list], main: int, parts: list[_Part], seg_slot: torch.Tensor,
+                 n_slots: int, identity: bool, absent: torch.Tensor | None, dtype: torch.dtype):
+        self.groups, self.main, self.parts = groups, main, parts
+        self.seg_slot, self.n_slots = seg_slot, n_slots
         self.identity, self.absent, self.dtype = identity, absent, dtype
 
     def stats(self, plan: StepPlan, backend) -> Partials:
         """Reduced partials (one row per segment of ``plan``), summed over the ranks."""
         S = plan.num_segments
         home = plan.home
-        if len(self.jobs) == 1 and self.jobs[0].sub is None and self.identity:
+        part_rows = [backend.reduce(p.sub, backend.stats(p.sub)).values.to(device=home, dtype=self.dtype)
+                     for p in self.parts]
+        rows = backend.reduce(plan, backend.stats(plan)).values.to(self.dtype)
+        if len(self.groups) == 1 and not self.parts and self.identity:
             # the common case (FSDP2: every rank holds a shard of every segment): all-reduce in place
-            buf = backend.reduce(plan, backend.stats(plan)).values.to(self.dtype).contiguous()
-            for group in self.jobs[0].groups:
+            buf = rows.contiguous()
+            for group in self.groups[0]:
                 _all_reduce(buf, group)
             return Partials(buf, list(range(S + 1)))
+        if self.parts:
+            rows = rows.clone()
+            for p, r in zip(self.parts, part_rows):
+                rows.index_add_(0, p.parents, r, alpha=-1)
         total = None
-        for job in self.jobs:
+        for k, groups in enumerate(self.groups):
             buf = torch.zeros(self.n_slots, 4, dtype=self.dtype, device=home)
-            sub = plan if job.sub is None else job.sub
-            if sub.params:
-                rows = backend.reduce(sub, backend.stats(sub)).values.to(device=home, dtype=self.dtype)
-                buf.index_add_(0, job.slots, rows)
-            for group in job.groups:
+            if k == self.main:
+                buf.index_add_(0, self.seg_slot, rows)
+            for p, r in zip(self.parts, part_rows):
+                if p.job == k:
+                    buf.index_add_(0, p.slots, r)
+            for group in groups:
                 _all_reduce(buf, group)
             total = buf if total is None else total.add_(buf)
-        rows = total.index_select(0, self.seg_slot)
+        out = total.index_select(0, self.seg_slot)
         if self.absent is not None:
             # a non-finite slot that this rank does not hold must skip the step here too
             ok = torch.isfinite(total.index_select(0, self.absent)).all()
-            rows[:, G.PP] = torch.where(ok, rows[:, G.PP], torch.full_like(rows[:, G.PP], float("nan")))
-        return Partials(rows, list(range(S + 1)))
+            out[:, G.PP] = torch.where(ok, out[:, G.PP], torch.full_like(out[:, G.PP], float("nan")))
+        return Partials(out, list(range(S + 1)))
 
 
 def _subplan(plan: StepPlan, idx: list[int], cache: dict) -> tuple[StepPlan, list[int]]:
@@ -355,8 +374,8 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
     original = list(plan.params)
     seg_slot, n_slots, sig = _slot_layout(plan, original)
 
-    # domains: one per mesh (or the process group); LOCAL tensors are summed over nothing
-    domains: dict[int, dict] = {}   # id(mesh or group) -> {"mesh", "dims", "members": [(i, dims)]}
+    # domains: one per mesh (or the process group); plain tensors without a group: local
+    domains: dict[int, dict] = {}   # id(mesh or group) -> {"mesh", "group", "members": [(i, dims)]}
     local_idx: list[int] = []
     for i in range(P):
         if dt_mask[i]:
@@ -374,24 +393,27 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
                                    "parameter is not; shard both the same way (e.g. fully_shard).")
             local_idx.append(i)
 
-    jobs_spec: list[tuple[list[int], list]] = []
+    jobs: list[tuple[list[int], list]] = []   # (tensors counted here, groups summed over)
+    inactive: list[int] = []                  # replicated copies counted on another rank
     for dom in domains.values():
         if dom["mesh"] is None:
-            jobs_spec.append(([i for i, _ in dom["members"]], [dom["group"]]))
+            jobs.append(([i for i, _ in dom["members"]], [dom["group"]]))
             continue
         mesh = dom["mesh"]
         union = frozenset().union(*(d for _, d in dom["members"]))
         coord = mesh.get_coordinate()
         # a tensor replicated along a summed dimension counts on coordinate 0 of it only
-        idx = [i for i, dims in dom["members"] if all(coord[d] == 0 for d in union - dims)]
-        jobs_spec.append((idx, [mesh.get_group(d) for d in sorted(union)]))
+        idx = []
+        for i, dims in dom["members"]:
+            (idx if all(coord[d] == 0 for d in union - dims) else inactive).append(i)
+        jobs.append((idx, [mesh.get_group(d) for d in sorted(union)]))
     if local_idx:
-        jobs_spec.append((local_idx, []))
+        jobs.append((local_idx, []))
 
-    if all(not groups for _, groups in jobs_spec):
+    if all(not groups for _, groups in jobs):
         return None  # e.g. HSDP with a shard dimension of size 1: the local statistics are the whole
     home = plan.home
-    groups_used = [g for _, groups in jobs_spec for g in groups]
+    groups_used = [g for _, groups in jobs for g in groups]
     _check_layout(list(dict.fromkeys(groups_used)), n_slots, sig, home, owner, plan.cache)
 
     identity = n_slots == plan.num_segments and seg_slot == list(range(n_slots))
@@ -400,18 +422,19 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
     absent = [k for k in range(n_slots) if k not in present]
     absent_t = _cached_index(plan, "dist_absent", absent, home) if absent else None
 
-    jobs = []
-    if len(jobs_spec) == 1 and len(jobs_spec[0][0]) == P:
-        jobs.append(_Job(None, seg_slot_t, jobs_spec[0][1]))
-    else:
-        for k, (idx, groups) in enumerate(jobs_spec):
-            if not idx:  # nothing counted here, but the collective is the group's: take part
-                jobs.append(_Job(StepPlan(groups=plan.groups), None, groups))
-                continue
-            sub, parents = _subplan(plan, idx, plan.cache.setdefault(("dist_sub", k), {}))
-            slots = _cached_index(plan, ("dist_sub_slots", k), [seg_slot[s] for s in parents], home)
-            jobs.append(_Job(sub, slots, groups))
-    return StatsSync(jobs, seg_slot_t, n_slots, identity, absent_t, _stat_dtype(plan))
+    # the job with the most local elements takes the whole plan's rows minus the others
+    numel = [sum(plan.params[i].numel() for i in idx) for idx, _ in jobs]
+    main = max(range(len(jobs)), key=lambda k: (numel[k], -k))
+    parts = []
+    for k, idx in [(k, idx) for k, (idx, _) in enumerate(jobs) if k != main] + [(None, inactive)]:
+        if not idx:
+            continue
+        name = ("dist_part", "inactive" if k is None else k)
+        sub, parents = _subplan(plan, idx, plan.cache.setdefault(name, {}))
+        parts.append(_Part(k, sub, _cached_index(plan, name + ("parents",), parents, home),
+                           _cached_index(plan, name + ("slots",), [seg_slot[s] for s in parents], home)))
+    return StatsSync([groups for _, groups in jobs], main, parts, seg_slot_t, n_slots, identity,
+                     absent_t, _stat_dtype(plan))
 
 
 def _cached_index(plan: StepPlan, name, values: list[int], device) -> torch.Tensor:

@@ -188,7 +188,8 @@ def _summary(model, opt, ref_model, ref_opt, stats, ref_stats, outs) -> dict:
     return res
 
 
-def case_fsdp2(rank, backend, gran, ref, mesh_shape=(WORLD,), disable_reduce=False, wrapper=False):
+def case_fsdp2(rank, backend, gran, ref, mesh_shape=(WORLD,), disable_reduce=False, wrapper=False,
+               probe=False):
     """FSDP2-sharded model vs the unsharded run on the concatenated batch."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -197,6 +198,8 @@ def case_fsdp2(rank, backend, gran, ref, mesh_shape=(WORLD,), disable_reduce=Fal
 
     settings = group_settings(gran, ref)
     ref_model, ref_opt, ref_stats = _unsharded(settings, backend, cls="gg" if wrapper else "sgg")
+    if probe:
+        backend = _register_probe(backend)
     names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     model = _fsdp(make_net(), mesh)
@@ -444,27 +447,57 @@ def case_process_group_idle(rank, backend):
     return res
 
 
-def case_mixed_placements(rank, backend, mesh_shape):
-    """DTensors sharded on different mesh dimensions in ONE segment (Shard next to Replicate):
-    each element counted once."""
+def _register_probe(base: str) -> str:
+    """A backend wrapping ``base`` whose apply() checks that the last stats() call of the step
+    was on the very plan it applies (a fused backend may keep per-plan state between them)."""
+    from sgg_fast.backends import all_backends, get_backend, register
+
+    name = f"probe_{base}"
+    if name in all_backends():
+        return name
+    inner = get_backend(base)
+
+    class Probe(type(inner)):
+        def stats(self, plan):
+            self.last_stats_plan = plan
+            return super().stats(plan)
+
+        def apply(self, plan, out):
+            if getattr(self, "last_stats_plan", None) is not plan:
+                raise AssertionError("apply() on a plan whose stats() was not the last stats call")
+            super().apply(plan, out)
+
+    probe = Probe()
+    probe.name = name
+    register(probe)
+    return name
+
+
+def case_mixed_placements(rank, backend, mesh_shape, probe=False):
+    """DTensors sharded on different mesh dimensions in ONE segment (Shard next to Replicate), and
+    (1-D) a plain tensor held whole by every rank: each element counted once."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from sgg_fast import SGGAdamW
 
+    if probe:
+        backend = _register_probe(backend)
+
     mesh = init_device_mesh("cpu", mesh_shape)
     if len(mesh_shape) == 1:
-        layouts = [[Shard(0)], [Replicate()], [Shard(1)], [Shard(0)]]
+        layouts = [[Shard(0)], [Replicate()], [Shard(1)], [Shard(0)], None]
     else:  # (2, 1): dimension 1 has size 1, so only dimension 0 is summed over
         layouts = [[Shard(0), Replicate()], [Replicate(), Shard(0)], [Replicate(), Replicate()],
                    [Shard(0), Shard(0)]]
-    shapes = [(5, 3), (4,), (2, 7), (1,)]
+    shapes = [(5, 3), (4,), (2, 7), (1,), (3,)][:len(layouts)]
     torch.manual_seed(3)
     fulls = [torch.randn(s) for s in shapes]
     settings = dict(lr=3e-2, lambda_dir=0.4, lambda_mag=0.8, lambda_align=0.9, mag_mode="param",
                     mag_ratio=0.1, granularity="global", reference="ema", ref_beta=0.7)
     ref_params = [nn.Parameter(f.clone()) for f in fulls]
-    params = [nn.Parameter(distribute_tensor(f.clone(), mesh, pl)) for f, pl in zip(fulls, layouts)]
+    params = [nn.Parameter(f.clone() if pl is None else distribute_tensor(f.clone(), mesh, pl))
+              for f, pl in zip(fulls, layouts)]
     ref_opt = SGGAdamW(ref_params, backend=backend, **settings)
     opt = SGGAdamW(params, backend=backend, **settings)
     stats, ref_stats = [], []
@@ -473,7 +506,7 @@ def case_mixed_placements(rank, backend, mesh_shape):
         grads = [torch.randn(sh, generator=g) * (1 + s) for sh in shapes]
         for p, q, gr, pl in zip(params, ref_params, grads, layouts):
             q.grad = gr.clone()
-            p.grad = distribute_tensor(gr.clone(), mesh, pl)
+            p.grad = gr.clone() if pl is None else distribute_tensor(gr.clone(), mesh, pl)
         opt.step()
         ref_opt.step()
         stats.append(stats_vec(opt))
@@ -621,6 +654,8 @@ def cases(backends: list[str]):
         out.append((f"pg_idle/{b}", case_process_group_idle, dict(backend=b)))
         for shape in ((2,), (2, 1)):
             out.append((f"mixed/{b}/{len(shape)}d", case_mixed_placements, dict(backend=b, mesh_shape=shape)))
+        out.append((f"mixed/{b}/1d_probe", case_mixed_placements, dict(backend=b, mesh_shape=(2,), probe=True)))
+        out.append((f"fsdp2_probe/{b}", case_fsdp2, dict(backend=b, gran="tensor", ref="ema", probe=True)))
         out.append((f"errors/{b}", case_errors, dict(backend=b)))
         out.append((f"checkpoint/{b}", case_checkpoint, dict(backend=b)))
     return out

@@ -112,6 +112,11 @@ def test_fsdp2_without_the_all_reduce_differs(dist_results, backend):
     assert max(r["param"] for r in per_rank) > 1e-3
 
 
+def test_fsdp2_stats_then_apply_on_the_same_plan(dist_results, backend):
+    """The distributed layer keeps the stage order a backend may rely on (stats → apply of one plan)."""
+    _check_equal_to_unsharded(dist_results(f"fsdp2_probe/{backend}"))
+
+
 def test_fsdp2_source_reference(dist_results, backend):
     """set_reference with full plain tensors cuts each rank's shard."""
     _check_equal_to_unsharded(dist_results(f"fsdp2_source/{backend}"))
@@ -192,10 +197,11 @@ def test_zero_redundancy_group_granularity_with_process_group(dist_results, back
     assert max(r["param"] for r in dist_results(f"zero/{backend}/group_no_pg")) > 1e-3
 
 
-@pytest.mark.parametrize("dims", ["1d", "2d"])
+@pytest.mark.parametrize("dims", ["1d", "2d", "1d_probe"])
 def test_mixed_placements_counted_once(dist_results, backend, dims):
     """One global segment of DTensors sharded on different mesh dimensions (Shard(0), Shard(1),
-    Replicate, an empty shard; 2-D: Replicate/Shard mixes): every element counted once."""
+    Replicate, an empty shard, a plain tensor; 2-D: Replicate/Shard mixes): every element counted
+    once. ``1d_probe``: the backend's stats() runs on the whole plan last, before its apply()."""
     _check_equal_to_unsharded(dist_results(f"mixed/{backend}/{dims}"), state=False)
 
 
