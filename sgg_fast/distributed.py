@@ -222,12 +222,16 @@ def _idle_device(group) -> torch.device:
 
 
 # -- localisation ---------------------------------------------------------------------------------
-def _localize(plan: StepPlan, i: int, DT, owner: str):
-    """Replace tensor ``i``'s DTensors in the plan by their local shards; return (mesh, placements)."""
+def _localize(plan: StepPlan, i: int, DT, owner: str, seen: dict):
+    """Replace tensor ``i``'s DTensors in the plan by their local shards; return (mesh, placements).
+
+    ``seen``: per-step memo of the parameter layouts already checked."""
     p = plan.params[i]
     label = plan.labels[i]
-    mesh, pl = p.device_mesh, tuple(p.placements)
-    if any(x.is_partial() for x in pl):
+    mesh, pl = p.device_mesh, p.placements
+    if not isinstance(pl, tuple):
+        pl = tuple(pl)
+    if (id(mesh), pl) not in seen and any(x.is_partial() for x in pl):
         raise RuntimeError(f"{owner}: {label} is a DTensor with a Partial placement {pl}; SGG needs "
                            "parameters sharded (Shard) or replicated (Replicate).")
     memo: dict[int, torch.Tensor] = {}
@@ -244,7 +248,9 @@ def _localize(plan: StepPlan, i: int, DT, owner: str):
                 "per-parameter tensor sharded like its parameter. Load FSDP2 optimizer state with "
                 "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict (not a full, "
                 "unsharded state dict), and pass references through set_reference().")
-        if t.device_mesh is not mesh and t.device_mesh != mesh or tuple(t.placements) != pl:
+        t_mesh, t_pl = t.device_mesh, t.placements
+        # identity first: FSDP2's gradients and state share their parameter's mesh and placements
+        if not ((t_mesh is mesh or t_mesh == mesh) and (t_pl is pl or tuple(t_pl) == pl)):
             hint = (" Partial means the gradient was not reduced yet: step after backward() with "
                     "gradient synchronisation on (FSDP2: set_requires_gradient_sync(True) on the last "
                     "micro-batch)." if any(x.is_partial() for x in t.placements) else "")
@@ -261,6 +267,7 @@ def _localize(plan: StepPlan, i: int, DT, owner: str):
         if i < len(lst):
             lst[i] = local(lst[i], what)
     plan.params[i] = p.to_local()
+    seen[(id(mesh), pl)] = True
     return mesh, pl
 
 
@@ -377,10 +384,15 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
     # domains: one per mesh (or the process group); plain tensors without a group: local
     domains: dict[int, dict] = {}   # id(mesh or group) -> {"mesh", "group", "members": [(i, dims)]}
     local_idx: list[int] = []
+    seen: dict = {}
+    summed_dims: dict = {}
     for i in range(P):
         if dt_mask[i]:
-            mesh, pl = _localize(plan, i, DT, owner)
-            dims = frozenset(d for d, x in enumerate(pl) if x.is_shard() and mesh.size(d) > 1)
+            mesh, pl = _localize(plan, i, DT, owner, seen)
+            dims = summed_dims.get((id(mesh), pl))
+            if dims is None:
+                dims = summed_dims[(id(mesh), pl)] = frozenset(
+                    d for d, x in enumerate(pl) if x.is_shard() and mesh.size(d) > 1)
             dom = domains.setdefault(id(mesh), {"mesh": mesh, "group": None, "members": []})
             dom["members"].append((i, dims))
         elif process_group is not None:

@@ -34,11 +34,11 @@ def make_net() -> nn.Module:
     return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
 
 
-def batch(step: int, rank: int | None):
+def batch(step: int, rank: int | None, device="cpu"):
     """Step ``step``'s global batch, or rank ``rank``'s part of it."""
     g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(WORLD * BATCH, 7, generator=g)
-    y = torch.randn(WORLD * BATCH, 1, generator=g) * 3
+    x = torch.randn(WORLD * BATCH, 7, generator=g).to(device)
+    y = torch.randn(WORLD * BATCH, 1, generator=g).to(device) * 3
     if rank is None:
         return x, y
     return x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
@@ -102,7 +102,7 @@ def reldiff(a, b) -> float:
 
 def same_on_all_ranks(t: torch.Tensor) -> bool:
     """True when ``t`` is bitwise the same on every rank."""
-    t = full(t).detach().double().reshape(-1).clone()
+    t = full(t).detach().double().reshape(-1).cpu()  # gloo: CPU tensors
     bufs = [torch.empty_like(t) for _ in range(WORLD)]
     dist.all_gather(bufs, t)
     return all(torch.equal(torch.nan_to_num(b, nan=7.0), torch.nan_to_num(t, nan=7.0)) for b in bufs)
@@ -124,10 +124,10 @@ def compare_optimizers(model, opt, ref_model, ref_opt) -> dict:
 
 
 # -- the cases ------------------------------------------------------------------------------------
-def _unsharded(settings, backend, steps=STEPS, skip_step=None, cls="sgg", source=None):
+def _unsharded(settings, backend, steps=STEPS, skip_step=None, cls="sgg", source=None, device="cpu"):
     from sgg_fast import GradientGuidance, SGGAdamW
 
-    model = make_net()
+    model = make_net().to(device)
     if cls == "sgg":
         opt = SGGAdamW(param_groups(model, settings), backend=backend)
     else:
@@ -139,7 +139,7 @@ def _unsharded(settings, backend, steps=STEPS, skip_step=None, cls="sgg", source
         opt.set_reference(source)
     stats = []
     for s in range(steps):
-        x, y = batch(s, None)
+        x, y = batch(s, None, device)
         loss_fn(model, x, y).backward()
         if s != skip_step:
             opt.step()
@@ -328,14 +328,15 @@ def _split_rows(n: int, rank: int) -> slice:
     return slice(0, k) if rank == 0 else slice(k, n)
 
 
-def case_process_group(rank, backend, gran, ref, use_group=True, wrapper=False):
+def case_process_group(rank, backend, gran, ref, use_group=True, wrapper=False, device="cpu"):
     """Manual sharding: each rank holds a row slice of every tensor (plain tensors); statistics are
     summed over process_group. Gradients are the slices of the full-batch gradient."""
     from sgg_fast import GradientGuidance, SGGAdamW
 
     settings = group_settings(gran, ref)
-    ref_model, ref_opt, ref_stats = _unsharded(settings, backend, cls="gg" if wrapper else "sgg")
-    driver = make_net()                              # full model: recomputes the full gradient
+    ref_model, ref_opt, ref_stats = _unsharded(settings, backend, cls="gg" if wrapper else "sgg",
+                                               device=device)
+    driver = make_net().to(device)                   # full model: recomputes the full gradient
     names = [n for n, _ in driver.named_parameters()]
     slices = {n: nn.Parameter(p.detach()[_split_rows(p.shape[0], rank)].clone())
               for n, p in driver.named_parameters()}
@@ -357,7 +358,7 @@ def case_process_group(rank, backend, gran, ref, use_group=True, wrapper=False):
                 dist.all_gather_object(parts, slices[n].detach())
                 p.copy_(torch.cat(parts))
         driver.zero_grad()
-        loss_fn(driver, *batch(s, None)).backward()
+        loss_fn(driver, *batch(s, None, device)).backward()
         for n, p in driver.named_parameters():
             slices[n].grad = p.grad[_split_rows(p.shape[0], rank)].clone()
         opt.step()
@@ -661,7 +662,21 @@ def cases(backends: list[str]):
     return out
 
 
-def worker(rank: int, port: int, backends: list[str], outdir: str, only: list[str] | None = None) -> None:
+def cuda_cases(backends: list[str]):
+    """GPU check (tests marked cuda): CUDA tensors, statistics all-reduced through gloo between two
+    ranks sharing the one GPU (NCCL refuses two ranks on one device)."""
+    out = []
+    for b in backends:
+        for gran in ("tensor", "global"):
+            out.append((f"cuda_pg/{b}/{gran}", case_process_group,
+                        dict(backend=b, gran=gran, ref="ema", device="cuda")))
+        out.append((f"cuda_pg_wrapper/{b}", case_process_group,
+                    dict(backend=b, gran="group", ref="momentum", wrapper=True, device="cuda")))
+    return out
+
+
+def worker(rank: int, port: int, backends: list[str], outdir: str, only: list[str] | None = None,
+           device: str = "cpu") -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -669,7 +684,7 @@ def worker(rank: int, port: int, backends: list[str], outdir: str, only: list[st
     results: dict = {}
     path = os.path.join(outdir, f"rank{rank}.json")
     try:
-        for name, fn, kwargs in cases(backends):
+        for name, fn, kwargs in (cases(backends) if device == "cpu" else cuda_cases(backends)):
             if only and not any(name.startswith(o) for o in only):
                 continue
             t0 = time.perf_counter()

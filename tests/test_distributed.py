@@ -34,15 +34,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def dist_results():
-    """Run every case on 2 spawned ranks; returns ``get(name) -> [rank0 dict, rank1 dict]``."""
+def _run_group(backends: list[str], device: str = "cpu"):
+    """Run the cases on 2 spawned ranks; returns ``get(name) -> [rank0 dict, rank1 dict]``."""
     import torch.multiprocessing as mp
 
     outdir = tempfile.mkdtemp(prefix="sgg_dist_")
     t0 = time.monotonic()
-    ctx = mp.start_processes(C.worker, args=(_free_port(), list(CPU_BACKENDS), outdir), nprocs=C.WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(C.worker, args=(_free_port(), list(backends), outdir, None, device),
+                             nprocs=C.WORLD, join=False, start_method="spawn")
     problem = None
     try:
         while not ctx.join(timeout=2):
@@ -75,6 +74,11 @@ def dist_results():
 
     get.elapsed = elapsed
     return get
+
+
+@pytest.fixture(scope="module")
+def dist_results():
+    return _run_group(CPU_BACKENDS)
 
 
 def _check_equal_to_unsharded(per_rank, state=True):
@@ -241,3 +245,26 @@ def test_process_group_argument_validation():
         pg = torch.distributed.ProcessGroup.__new__(torch.distributed.ProcessGroup)
         with pytest.raises(RuntimeError, match="init_process_group"):
             SGGAdamW([p], process_group=pg)
+
+
+def _cuda_backends() -> list[str]:
+    from sgg_fast import SGGAdamW
+    from sgg_fast.backends import all_backends
+    from sgg_fast.plan import build_plan
+
+    p = torch.zeros(3, device="cuda", requires_grad=True)
+    p.grad = torch.zeros_like(p)
+    plan = build_plan(SGGAdamW([p]).param_groups)
+    return [n for n, b in all_backends().items() if not b.not_supported_reasons(plan)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_process_group_all_backends():
+    """On the GPU machine: CUDA tensors, every CUDA backend, statistics summed across 2 ranks
+    (gloo, one GPU) equal the unsharded run on the same GPU."""
+    backends = _cuda_backends()
+    get = _run_group(backends, device="cuda")
+    for b in backends:
+        for name in (f"cuda_pg/{b}/tensor", f"cuda_pg/{b}/global", f"cuda_pg_wrapper/{b}"):
+            _check_equal_to_unsharded(get(name), state=False)
