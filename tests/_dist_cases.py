@@ -227,7 +227,7 @@ def case_fsdp2(rank, backend, gran, ref, mesh_shape=(WORLD,), disable_reduce=Fal
 
 
 def case_fsdp2_source(rank, backend):
-    """reference='source' set from full plain tensors (the same on every rank)."""
+    """reference='source' set from full plain tensors (the same on every rank) and DTensors."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from sgg_fast import SGGAdamW
@@ -247,7 +247,11 @@ def case_fsdp2_source(rank, backend):
     mesh = init_device_mesh("cpu", (WORLD,))
     model = _fsdp(make_net(), mesh)
     opt = SGGAdamW(param_groups(model, settings), backend=backend)
-    opt.set_reference(dict(zip(model.parameters(), sources)))
+    # weights: full plain tensors (cut locally); biases: DTensors laid out differently (redistributed)
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    refs = {p: (src if p.dim() == 2 else distribute_tensor(src, mesh, [Replicate()]))
+            for p, src in zip(model.parameters(), sources)}
+    opt.set_reference(refs)
     stats, outs = _steps(model, opt, rank)
     return _summary(model, opt, ref_model, ref_opt, stats, ref_stats, outs)
 
