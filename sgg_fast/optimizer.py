@@ -12,7 +12,7 @@ from . import backends as _backends
 from . import distributed as _distributed
 from . import guidance as G
 from .plan import (GRANULARITIES, MAG_MODES, NONFINITE, REF_EMA, REF_MOMENTUM, REF_SOURCE,
-                   REFERENCES, StepPlan, build_plan)
+                   REFERENCES, SEGMENT_KEYS, StepPlan, build_plan)
 
 GUIDANCE_DEFAULTS: dict[str, Any] = dict(
     lambda_dir=0.2, lambda_mag=1.0, lambda_align=1.0,
@@ -263,9 +263,7 @@ class SGGAdamW(_GuidedMixin, Optimizer):
         if full["granularity"] == "global":
             for i, g in enumerate(self.param_groups):
                 if g["granularity"] == "global":
-                    diff = [k for k in ("lambda_dir", "lambda_mag", "lambda_align", "mag_mode",
-                                        "max_norm", "mag_ratio", "mag_beta", "reference",
-                                        "ref_beta", "nonfinite") if g[k] != full[k]]
+                    diff = [k for k in SEGMENT_KEYS if g[k] != full[k]]
                     if diff:
                         raise ValueError(
                             f"SGGAdamW: the new param_group and param_groups[{i}] both use "
