@@ -34,3 +34,8 @@ info: $(STAMP)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
+
+# the 2-rank distributed tests alone (also part of `make test`)
+.PHONY: test-dist
+test-dist: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_distributed.py

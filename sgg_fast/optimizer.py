@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends as _backends
+from . import distributed as _distributed
 from . import guidance as G
 from .plan import (GRANULARITIES, MAG_MODES, NONFINITE, REF_EMA, REF_MOMENTUM, REF_SOURCE,
                    REFERENCES, SEGMENT_KEYS, StepPlan, build_plan)
@@ -102,10 +103,11 @@ class _GuidedMixin:
 
     _owner = "SGGAdamW"
 
-    def _init_guided(self, backend: str) -> None:
+    def _init_guided(self, backend: str, process_group=None) -> None:
         if backend != "auto":
             _backends.get_backend(backend)  # ValueError for an unknown name
         self.backend = backend
+        self.process_group = _distributed.check_process_group(process_group, self._owner)
         self._cache: dict[str, Any] = {}
         self._last_out: torch.Tensor | None = None
         self._last_plan: StepPlan | None = None
@@ -160,10 +162,12 @@ class _GuidedMixin:
             torch._foreach_copy_([plan.norm_emas[i] for i in ii], list(vals.unbind()))
 
     def _run_guided(self, plan: StepPlan, stage: str) -> torch.Tensor:
-        """Statistics → finalize → ``stage`` ("apply" or "guide"); returns the finalize output."""
+        """Statistics → (all-reduce across ranks) → finalize → ``stage`` ("apply" or "guide");
+        returns the finalize output. DTensors in the plan are replaced by their local shards."""
+        sync = _distributed.prepare(plan, self.process_group, self._owner)
         backend = self._resolve(plan)
         owns_nu = getattr(backend, "owns_norm_ema", False)  # reads/writes norm_ema itself
-        partials = backend.stats(plan)
+        partials = backend.stats(plan) if sync is None else sync.stats(plan, backend)
         nu = None if owns_nu else self._gather_nu(plan)
         out = backend.finalize(plan, partials, plan.hyper(partials.values.dtype), nu)
         self._check_finite(plan, out)
@@ -224,6 +228,11 @@ class SGGAdamW(_GuidedMixin, Optimizer):
         nonfinite: ``"skip" | "raise"``.
         backend: ``"auto" | "torch" | "triton" | "cuda" | "cpu"`` (``SGG_FAST_BACKEND``
             overrides ``"auto"``); see :func:`sgg_fast.available_backends`.
+        process_group: for tensors sliced across processes by hand (each rank holds a slice of
+            every segment): the segment statistics are summed over this group each step (one
+            all-reduce of ``[segments, 4]``). Not needed for DDP (whole, averaged gradients) nor
+            FSDP2 / DTensor parameters (summed over their mesh automatically); see
+            :mod:`sgg_fast.distributed`.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (torch's names, so a
     ``torch.optim.AdamW`` state dict loads both ways), ``ref`` (ema/source) and ``norm_ema``
@@ -237,7 +246,8 @@ class SGGAdamW(_GuidedMixin, Optimizer):
                  lambda_dir: float = 0.2, lambda_mag: float = 1.0, lambda_align: float = 1.0,
                  mag_mode: str = "relative", max_norm: float = 1.0, mag_ratio: float = 2.0,
                  mag_beta: float = 0.9, reference: str = "momentum", ref_beta: float = 0.9,
-                 granularity: str = "group", nonfinite: str = "skip", backend: str = "auto"):
+                 granularity: str = "group", nonfinite: str = "skip", backend: str = "auto",
+                 process_group=None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, lambda_dir=lambda_dir, lambda_mag=lambda_mag,
                         lambda_align=lambda_align, mag_mode=mag_mode, max_norm=max_norm,
@@ -245,7 +255,7 @@ class SGGAdamW(_GuidedMixin, Optimizer):
                         ref_beta=ref_beta, granularity=granularity, nonfinite=nonfinite)
         validate_adamw(defaults)
         validate_guidance(defaults)
-        self._init_guided(backend)
+        self._init_guided(backend, process_group)
         super().__init__(params, defaults)
 
     # -- param_groups ------------------------------------------------------------------------
@@ -281,7 +291,7 @@ class SGGAdamW(_GuidedMixin, Optimizer):
             if r is None:
                 st["ref"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             else:
-                st["ref"] = r.detach().to(device=p.device, dtype=p.dtype, copy=True)
+                st["ref"] = _distributed.like_param(r, p)
 
     # -- the step ----------------------------------------------------------------------------
     def _prepare(self) -> StepPlan:
@@ -334,6 +344,7 @@ class SGGAdamW(_GuidedMixin, Optimizer):
                 loss = closure()
         plan = self._prepare()
         if not plan.params:
+            _distributed.idle_step(plan, self.process_group, self._owner)
             return loss
         self._run_guided(plan, "apply")
         return loss
