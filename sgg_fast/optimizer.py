@@ -110,7 +110,7 @@ class _GuidedMixin:
         self.process_group = _distributed.check_process_group(process_group, self._owner)
         self._cache: dict[str, Any] = {}
         self._last_out: torch.Tensor | None = None
-        self._last_plan: StepPlan | None = None
+        self._last_labels: list[str] = []   # labels only: the plan would keep last step's grads alive
         self._backend_key = None
         self._backend_obj = None
 
@@ -174,7 +174,7 @@ class _GuidedMixin:
         getattr(backend, stage)(plan, out)
         if not owns_nu:
             self._scatter_nu(plan, out)
-        self._last_out, self._last_plan = out, plan
+        self._last_out, self._last_labels = out, [s.label for s in plan.segments]
         return out
 
     def last_stats(self) -> dict[str, torch.Tensor]:
@@ -187,7 +187,7 @@ class _GuidedMixin:
 
     def segment_labels(self) -> list[str]:
         """What each row of ``last_stats()`` refers to (e.g. "param_groups[0]")."""
-        return [] if self._last_plan is None else [s.label for s in self._last_plan.segments]
+        return list(self._last_labels)
 
 
 class SGGAdamW(_GuidedMixin, Optimizer):
@@ -387,4 +387,4 @@ class SGGAdamW(_GuidedMixin, Optimizer):
                                   if torch.is_tensor(step) else
                                   torch.tensor(float(step), dtype=torch.float32, device=p.device))
         self._last_out = None
-        self._last_plan = None
+        self._last_labels = []

@@ -171,7 +171,7 @@ class GradientGuidance(_GuidedMixin, Optimizer):
                 self.guide_state[p] = {
                     k: v.detach().to(device=p.device, dtype=torch.float32 if k == "norm_ema" else p.dtype,
                                      copy=True) for k, v in st.items()}
-        self._last_out = self._last_plan = None
+        self._last_out, self._last_labels = None, []
 
 
 __all__ = ["GradientGuidance", "SEGMENT_KEYS"]

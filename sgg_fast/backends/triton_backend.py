@@ -28,7 +28,7 @@ import weakref
 import torch
 
 from .. import guidance as G
-from ..plan import REF_EMA, REFERENCES, StepPlan
+from ..plan import REF_EMA, REFERENCES, StepPlan, describe
 from . import register
 from .base import Backend, Partials
 
@@ -94,10 +94,6 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, {str(t.dtype).replace('torch.', '')}, {t.device}"
-
-
 class TritonBackend(Backend):
     name = "triton"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
@@ -158,19 +154,19 @@ class TritonBackend(Backend):
                     continue
                 if not t.is_contiguous():
                     if add(f"triton needs contiguous tensors: the {what} of {plan.labels[i]} "
-                           f"({_describe(t)}) is not (call .contiguous() on it, or use backend='torch')"):
+                           f"({describe(t)}) is not (call .contiguous() on it, or use backend='torch')"):
                         return out
                 elif t.dtype != plan.params[i].dtype or t.device != plan.params[i].device:
                     if add(f"triton needs every tensor of a parameter in its dtype and device: the {what} "
-                           f"of {plan.labels[i]} is {_describe(t)}, the parameter "
-                           f"{_describe(plan.params[i])} (use backend='torch')"):
+                           f"of {plan.labels[i]} is {describe(t)}, the parameter "
+                           f"{describe(plan.params[i])} (use backend='torch')"):
                         return out
         for what, ts in (("step", plan.steps), ("norm_ema", plan.norm_emas)):
             for i, t in enumerate(ts):
                 if t is not None and (t.dtype != torch.float32 or t.numel() != 1
                                       or t.device != plan.params[i].device):
                     if add(f"triton keeps state[{what!r}] as a one-element float32 tensor on the "
-                           f"parameter's device; that of {plan.labels[i]} is {_describe(t)}"):
+                           f"parameter's device; that of {plan.labels[i]} is {describe(t)}"):
                         return out
         return out
 
@@ -261,7 +257,7 @@ class TritonBackend(Backend):
             for i, g in enumerate(plan.grads):
                 if not g.is_contiguous():
                     raise RuntimeError(f"backend='triton' needs contiguous gradients: that of "
-                                       f"{plan.labels[i]} ({_describe(g)}) is not (use backend='torch')")
+                                       f"{plan.labels[i]} ({describe(g)}) is not (use backend='torch')")
         if changed:
             host = tab.meta_host
             for k in changed:
