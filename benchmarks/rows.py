@@ -109,7 +109,8 @@ def fused_adamw_supported(groups: list[dict]) -> str | None:
     return None
 
 
-def build_rows(groups: list[dict], *, compile: bool = True, select: str | None = None) -> tuple[list[Row], list[str]]:
+def build_rows(groups: list[dict], *, compile: bool = True, select: str | None = None,
+               compile_refs: tuple[str, ...] = REFERENCES) -> tuple[list[Row], list[str]]:
     """All rows for these param groups, and notes on rows left out (with the reason)."""
     import re
 
@@ -134,7 +135,7 @@ def build_rows(groups: list[dict], *, compile: bool = True, select: str | None =
         for b in backends:
             rows.append(Row(f"SGGAdamW[{b}] {ref}", "sgg", ref, BYTES_PER_ELEMENT[ref], _sgg(b, ref)))
         rows.append(Row(f"eager SGG {ref}", "eager", ref, BYTES_PER_ELEMENT[ref], _eager(ref, False)))
-        if compile_why is None:
+        if compile_why is None and ref in compile_refs:
             rows.append(Row(f"torch.compile(eager SGG) {ref}", "compiled", ref, BYTES_PER_ELEMENT[ref],
                             _eager(ref, True)))
     if compile_why is not None:

@@ -80,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", dest="compile", action="store_true", default=None,
                     help="time the torch.compile row (default: yes, except with --quick)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--compile-refs", default="momentum,ema",
+                    help="references that get a torch.compile row (each is a cold compile per param group)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds: rows not started by then are skipped (compile rows past half of it); "
+                    "the table is written either way")
     ap.add_argument("--rows", default=None, help="regex: only rows whose name matches (fused AdamW kept)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timed repeats per row")
     ap.add_argument("--interleave", choices=("auto", "on", "off"), default="auto",
@@ -107,7 +112,8 @@ def run_config(size: str, dtype_name: str, device: torch.device, args, pbar=None
     groups = workloads.param_groups(size, params)
     n = shape.numel
     compile_rows = args.compile if args.compile is not None else not args.quick
-    rows, notes = build_rows(groups, compile=compile_rows, select=args.rows)
+    rows, notes = build_rows(groups, compile=compile_rows, select=args.rows,
+                             compile_refs=tuple(r.strip() for r in args.compile_refs.split(",")))
     if pbar is not None:
         pbar.total = (pbar.total or 0) + len(rows)
         pbar.refresh()
@@ -124,6 +130,13 @@ def run_config(size: str, dtype_name: str, device: torch.device, args, pbar=None
         for row, res in zip(rows, out):
             if pbar is not None:
                 pbar.set_postfix_str(f"{size} {dtype_name} {row.name}")
+            late = _past_deadline(args, row)
+            if late:
+                res.note = late
+                notes.append(f"{row.name} at {size} {dtype_name}: {late}")
+                if pbar is not None:
+                    pbar.update(1)
+                continue
             opt = _start(row, res, groups, device, notes)
             try:
                 if opt is not None:
@@ -179,6 +192,19 @@ def _start(row, res: Result, groups, device, notes):
         return None
 
 
+def _past_deadline(args, row) -> str | None:
+    """With --deadline: skip rows once it has passed, and compile rows past half of it (a cold
+    compile cannot be interrupted), so that a time-boxed run (gpu_check.sh) still writes its table."""
+    if not args.deadline:
+        return None
+    elapsed = time.perf_counter() - args.t_start
+    if elapsed > args.deadline:
+        return f"not timed: --deadline {args.deadline:.0f} s reached"
+    if row.kind == "compiled" and elapsed > args.deadline / 2:
+        return f"not timed: past half of --deadline {args.deadline:.0f} s (a cold compile could overrun it)"
+    return None
+
+
 def _interleave_fits(rows, n: int, elem: int, args) -> bool:
     """Interleaving keeps every row's optimizer state alive at once; do it when that fits easily."""
     if args.interleave != "auto":
@@ -201,6 +227,11 @@ def _run_interleaved(rows, out, groups, device, args, warmup, min_time, notes, p
     for row, res in zip(rows, out):
         if pbar is not None:
             pbar.set_postfix_str(f"{res.size} {res.dtype} warm-up {row.name}")
+        late = _past_deadline(args, row)
+        if late:
+            res.note = late
+            notes.append(f"{row.name} at {res.size} {res.dtype}: {late}")
+            continue
         opt = _start(row, res, groups, device, notes)
         if opt is None:
             continue
@@ -361,7 +392,7 @@ def plot(path: str, results: list[Result], copy_gbs: float, info: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    t_start = time.perf_counter()
+    t_start = args.t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here", file=sys.stderr)
@@ -386,11 +417,14 @@ def main(argv=None) -> int:
     copy_start, _ = measure.copy_bandwidth(device, copy_mib << 20)
     _free(device)
 
-    from tqdm import tqdm
-
     results: list[Result] = []
     notes: list[str] = []
-    pbar = tqdm(total=0, desc="benchmark", unit="row", file=sys.stderr, disable=None, leave=False)
+    try:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=0, desc="benchmark", unit="row", file=sys.stderr, disable=None, leave=False)
+    except ImportError:  # e.g. a bare GPU image: no progress bar
+        pbar = None
     try:
         for size in sizes:
             for dt in dtypes:
@@ -398,7 +432,8 @@ def main(argv=None) -> int:
                 results += rs
                 notes += ns
     finally:
-        pbar.close()
+        if pbar is not None:
+            pbar.close()
     copy_end, _ = measure.copy_bandwidth(device, copy_mib << 20)
     copy_gbs = (copy_start + copy_end) / 2
     for r in results:
