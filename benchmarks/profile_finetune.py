@@ -10,11 +10,12 @@ optimizer:
 * ``eager``: the eager PyTorch SGG step of ``benchmarks/eager_sgg.py`` (what a user would write),
 * ``compiled``: that step under ``torch.compile`` (only with ``--compile``).
 
-For each: wall time of forward / backward / optimizer step per training step (median over the
-profiled steps, with a device sync between phases), the optimizer's share of the step, its ratio
-to AdamW, the optimizer state, the extra peak memory of one ``step()``, the peak memory of the
-training step, the loss, and a Chrome trace (``chrome://tracing`` or https://ui.perfetto.dev) of
-the profiled steps. A summary table (markdown) is printed at the end and written next to the
+For each: wall time of forward / backward / optimizer step per training step (median over
+``--steps`` timed steps, with a device sync between phases), the optimizer's share of the step, its
+ratio to AdamW, the optimizer state, the extra peak memory of one ``step()``, the peak memory of
+the training step, the loss, and a gzipped Chrome trace (https://ui.perfetto.dev or
+``chrome://tracing``) of ``--trace-steps`` further steps recorded by ``torch.profiler`` (timed
+apart, so the profiler's per-op overhead does not enter the table). A summary table (markdown) is printed at the end and written next to the
 traces.
 
 ``--config`` builds a transformers model with random weights instead: a JSON config file, or a
@@ -78,7 +79,9 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", default=None,
                     help="random-weight model: a transformers config JSON or a preset: " + ", ".join(PRESETS))
-    ap.add_argument("--steps", type=int, default=5, help="profiled training steps per optimizer")
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per optimizer")
+    ap.add_argument("--trace-steps", type=int, default=2,
+                    help="further steps recorded by torch.profiler (Chrome trace; CPU peak memory)")
     ap.add_argument("--warmup", type=int, default=1, help="unprofiled steps first (state, caches)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (CPU 2, GPU 4)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (CPU 64, GPU 512)")
@@ -250,22 +253,24 @@ def profile_one(name, make_opt, model, x, args, device, snapshot):
     losses = []
     for _ in range(args.warmup):
         losses.append(float(train_step(model, opt, x, device)))
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    # timed steps without the profiler (its per-op overhead would inflate the many-small-op
+    # optimizers most), then --trace-steps more under torch.profiler for the trace and CPU memory
     times: list[tuple[float, float, float]] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    for _ in range(args.steps):
+        losses.append(float(train_step(model, opt, x, device, times)))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     live_before = sum(p.numel() * p.element_size() for p in model.parameters()) + state_bytes(opt)
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
-        for _ in range(args.steps):
-            losses.append(float(train_step(model, opt, x, device, times)))
+        for _ in range(args.trace_steps):
+            losses.append(float(train_step(model, opt, x, device)))
     safe = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-    trace = os.path.join(args.out, f"{safe}.trace.json")
+    trace = os.path.join(args.out, f"{safe}.trace.json.gz")  # gzip: perfetto and chrome://tracing open it
     prof.export_chrome_trace(trace)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        del base_alloc
     else:
         events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                   if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
@@ -301,15 +306,15 @@ def summary(results, info, model_name, n_params, args, device, dtype_name, batch
     base = next((r["opt_ms"] for r in results if r["optimizer"].startswith("AdamW")), math.nan)
     lines = [f"### Fine-tuning profile — {model_name}, {device.type}, {info['date']}", "",
              f"- {n_params / 1e6:.1f}M parameters, {dtype_name}, batch {batch} × {seq} tokens, "
-             f"{args.steps} profiled steps after {args.warmup} warm-up step(s); median per phase, device "
-             "synchronised between phases",
+             f"{args.steps} timed steps after {args.warmup} warm-up step(s), median per phase, device "
+             f"synchronised between phases; then {args.trace_steps} step(s) under torch.profiler for the trace",
              f"- machine: {info.get('gpu', info['cpu'])}; torch {info['torch']}, triton {info['triton']}, "
              f"sgg_fast {info['sgg_fast']}; load average {info['load']}",
              f"- SGG: λ1={SGG_KW['lambda_dir']} λ2={SGG_KW['lambda_mag']} λ3={SGG_KW['lambda_align']}, "
              f"mag_mode={SGG_KW['mag_mode']}, reference=momentum; lr {args.lr}",
-             "- peak MiB: " + ("torch.cuda.max_memory_allocated over the profiled steps" if device.type == "cuda"
+             "- peak MiB: " + ("torch.cuda.max_memory_allocated over the timed steps" if device.type == "cuda"
                                else "parameters + optimizer state + the peak of the profiler's memory events "
-                               "during the profiled steps"),
+                               "during the traced steps"),
              "",
              "| optimizer | forward ms | backward ms | optimizer ms | step ms | optimizer share | "
              "optimizer × AdamW | state MiB | step() extra peak MiB | peak MiB | loss first → last | trace |",
@@ -342,6 +347,12 @@ def main(argv=None) -> int:
     x = make_batch(tokenizer, model.config.vocab_size, batch, seq, device)
     # every optimizer starts from the same weights (kept on the host when they fit easily)
     snapshot = [p.detach().to("cpu", copy=True) for p in model.parameters()] if n_params < 2e9 else None
+    # warm the model itself (allocator, kernels/oneDNN primitives) before the first optimizer, so
+    # first-call costs do not land on whichever optimizer happens to be profiled first
+    for _ in range(2):
+        model(input_ids=x, labels=x).loss.backward()
+    model.zero_grad(set_to_none=True)
+    measure.sync(device)
     info = measure.machine_info(device)
     results = []
     for name, make in optimizer_factories(model, args, device):
