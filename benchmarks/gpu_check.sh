@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu}"
 mkdir -p "$OUT"
 BUDGET="${GPU_CHECK_BUDGET:-570}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 # overridable for a dry run of the script's plumbing on a CPU machine:
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_BIG=1M GPU_CHECK_SMALL=1M OUT=/tmp/g bash benchmarks/gpu_check.sh
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"

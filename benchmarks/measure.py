@@ -155,6 +155,27 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 7) -> tuple
     return 2 * n * 4 / (t.median_ms * 1e-3) / 1e9, t
 
 
+def choose_threads(arg: str | None, device: torch.device) -> str:
+    """Apply ``--threads`` (a number, or ``auto``) to torch's intra-op pool; returns a note.
+
+    ``auto``: torch's default, except on a CPU that other processes keep busy (1-minute load
+    average >= the cores visible) — there every multi-threaded op waits for a time slice for each
+    of its threads (measured on the 2-core dev machine under load ~5: a 1M-parameter fused AdamW
+    step took 550 ms with 2 threads and 1.1 ms with 1), so the table would time the scheduler.
+    """
+    if device.type != "cpu" or arg in (None, "", "default"):
+        return f"torch threads {torch.get_num_threads()}"
+    if arg == "auto":
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if load >= (os.cpu_count() or 1):
+            torch.set_num_threads(1)
+            return (f"torch threads 1 (auto: load average {load:.1f} >= {os.cpu_count()} cores, the machine "
+                    "is shared/busy; multi-threaded ops would time the scheduler)")
+        return f"torch threads {torch.get_num_threads()} (auto: machine quiet, load {load:.1f})"
+    torch.set_num_threads(int(arg))
+    return f"torch threads {int(arg)} (--threads)"
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -94,6 +94,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "profile"))
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--threads", default="auto", help="CPU threads: a number, 'default' or 'auto' "
+                    "(1 when other processes keep every core busy; see benchmarks/measure.py)")
     return ap.parse_args(argv)
 
 
@@ -308,7 +310,7 @@ def summary(results, info, model_name, n_params, args, device, dtype_name, batch
              f"- {n_params / 1e6:.1f}M parameters, {dtype_name}, batch {batch} × {seq} tokens, "
              f"{args.steps} timed steps after {args.warmup} warm-up step(s), median per phase, device "
              f"synchronised between phases; then {args.trace_steps} step(s) under torch.profiler for the trace",
-             f"- machine: {info.get('gpu', info['cpu'])}; torch {info['torch']}, triton {info['triton']}, "
+             f"- machine: {info.get('gpu', info['cpu'])}; {info.get('threads', '')}; torch {info['torch']}, triton {info['triton']}, "
              f"sgg_fast {info['sgg_fast']}; load average {info['load']}",
              f"- SGG: λ1={SGG_KW['lambda_dir']} λ2={SGG_KW['lambda_mag']} λ3={SGG_KW['lambda_align']}, "
              f"mag_mode={SGG_KW['mag_mode']}, reference=momentum; lr {args.lr}",
@@ -336,6 +338,7 @@ def main(argv=None) -> int:
     batch = args.batch or (4 if gpu else 2)
     seq = args.seq or (512 if gpu else 64)
     os.makedirs(args.out, exist_ok=True)
+    threads_note = measure.choose_threads(args.threads, device)
     t0 = time.perf_counter()
     model, tokenizer, model_name = load_model(args, device, dtype)
     model.train()
@@ -365,6 +368,7 @@ def main(argv=None) -> int:
             gc.collect()
             if gpu:
                 torch.cuda.empty_cache()
+    info["threads"] = threads_note
     md = summary(results, info, model_name, n_params, args, device, dtype_name, batch, seq)
     print(md)
     with open(os.path.join(args.out, "summary.md"), "w") as f:

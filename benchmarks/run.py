@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--interleave", choices=("auto", "on", "off"), default="auto",
                     help="CPU: time the rows in shuffled rounds (default when all optimizer states fit "
                     "in memory), so noise from other processes spreads over every row")
+    ap.add_argument("--threads", default="auto",
+                    help="CPU: torch intra-op threads: a number, 'default', or 'auto' (default: torch's "
+                    "default, 1 when other processes keep every core busy)")
     ap.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory step")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
                     help="folder for bench.md / bench.csv / bench.png")
@@ -276,6 +279,8 @@ def markdown(results: list[Result], info: dict, copy: dict, notes: list[str], ar
     lines = [f"### {title}", ""]
     lines.append(f"- machine: {info.get('gpu', info['cpu'])}" + (f"; host CPU {info['cpu']}" if "gpu" in info else "")
                  + (f"; last-level cache {info['llc']}" if "llc" in info else ""))
+    if device == "cpu":
+        lines.append(f"- {info['threads']}")
     lines.append(f"- versions: torch {info['torch']}, triton {info['triton']}, Python {info['python']}, "
                  f"sgg_fast {info['sgg_fast']}")
     lines.append(f"- load average (1/5/15 min) at start: {info['load']}; at end: {info.get('load_end', 'n/a')}"
@@ -412,7 +417,9 @@ def main(argv=None) -> int:
         if d not in DTYPES:
             print(f"unknown --dtype {d!r}; choose from {', '.join(DTYPES)}", file=sys.stderr)
             return 2
+    threads_note = measure.choose_threads(args.threads, device)
     info = measure.machine_info(device)
+    info["threads"] = threads_note
     copy_mib = measure.copy_buffer_bytes(device, args.quick) >> 20
     copy_start, _ = measure.copy_bandwidth(device, copy_mib << 20)
     _free(device)
