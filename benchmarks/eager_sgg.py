@@ -141,6 +141,8 @@ class EagerSGGAdamW(torch.optim.Optimizer):
                         mag_mode=mag_mode, max_norm=max_norm, mag_ratio=mag_ratio,
                         mag_beta=mag_beta, reference=reference, ref_beta=ref_beta)
         super().__init__(params, defaults)
+        if compile:
+            _allow_recompiles()
         self._fn = torch.compile(sgg_adamw_group, dynamic=False) if compile else sgg_adamw_group
         self._group_state: list[dict] = []
 
@@ -178,6 +180,27 @@ class EagerSGGAdamW(torch.optim.Optimizer):
                      mag_beta=group["mag_beta"], reference=group["reference"],
                      ref_beta=group["ref_beta"])
         return loss
+
+
+#: compiled variants of ``sgg_adamw_group`` one process may hold: one per (param-group shapes,
+#: dtype, reference, hyper-parameters); a benchmark sweep needs dozens, dynamo's default is 8
+RECOMPILE_LIMIT = 256
+
+
+def _allow_recompiles() -> None:
+    """Raise dynamo's per-function recompile limit, and make hitting it an error: past the limit
+    dynamo silently runs the function eagerly, and a "compiled" row would time eager code."""
+    import torch._dynamo.config as cfg
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 4 * RECOMPILE_LIMIT))
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, True)
 
 
 def compile_unavailable_reason() -> str | None:
