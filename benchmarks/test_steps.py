@@ -9,7 +9,7 @@ is one benchmark group, and test ids are stable slugs, so runs compare with
 
 Environment: ``SGG_BENCH_DEVICE`` (default cuda when available), ``SGG_BENCH_SIZES`` (e.g.
 ``1M,16M``), ``SGG_BENCH_COMPILE=0`` to leave out the torch.compile rows (cold compiles take
-tens of seconds each on a small CPU).
+tens of seconds each on a small CPU), ``SGG_BENCH_THREADS`` (a number, ``default`` or ``auto``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import re
 import pytest
 import torch
 
-from . import workloads
+from . import measure, workloads
 from .rows import build_rows
 
 DEVICE = torch.device(os.environ.get("SGG_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -29,6 +29,8 @@ SIZES = tuple(s for s in os.environ.get("SGG_BENCH_SIZES", "").split(",") if s) 
     ("1M", "16M") if DEVICE.type == "cpu" else ("10M", "1B"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILE = os.environ.get("SGG_BENCH_COMPILE", "1") != "0"
+#: CPU intra-op threads, as run.py's --threads (auto: 1 when other processes keep the cores busy)
+THREADS = measure.choose_threads(os.environ.get("SGG_BENCH_THREADS", "auto"), DEVICE)
 
 
 def slug(name: str) -> str:
@@ -71,7 +73,7 @@ def test_step(benchmark, size, dtype, row_name):
     row = next(r for r in rows if r.name == row_name)
     n = workloads.parse_size(size).numel
     benchmark.group = f"{DEVICE.type} {size} {dtype}"
-    benchmark.extra_info.update(row=row.name, params=n, tensors=len(params),
+    benchmark.extra_info.update(row=row.name, params=n, tensors=len(params), threads=THREADS,
                                 model_bytes=row.bytes_per_element * n * (torch.finfo(DTYPES[dtype]).bits // 8))
     opt = row.create(groups)
     for _ in range(2):  # state allocation, compilation, caches
