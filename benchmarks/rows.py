@@ -45,11 +45,15 @@ class Row:
 
     def create(self, groups: list[dict]):
         """A fresh optimizer over ``groups`` (copied: torch writes its defaults into the dicts)."""
-        return self.make([dict(g, params=list(g["params"])) for g in groups])
+        return self.make(_copy_groups(groups))
 
     @property
     def is_sgg(self) -> bool:
         return self.kind in ("sgg", "eager", "compiled")
+
+
+def _copy_groups(groups: list[dict]) -> list[dict]:
+    return [dict(g, params=list(g["params"])) for g in groups]
 
 
 def _clip_then(opt: torch.optim.Optimizer, max_norm: float = 1.0):
@@ -82,7 +86,9 @@ def sgg_backends(groups: list[dict]) -> tuple[list[str], dict[str, list[str]]]:
     from sgg_fast.backends import all_backends
     from sgg_fast.plan import build_plan
 
-    plan = build_plan(SGGAdamW(groups, **ADAMW_KW, **SGG_KW).param_groups)
+    # copies: torch.optim writes every default into the param-group dicts it is given, and those
+    # settings (reference=...) would then override the constructor arguments of later rows
+    plan = build_plan(SGGAdamW(_copy_groups(groups), **ADAMW_KW, **SGG_KW).param_groups)
     dev = plan.home.type
     ok, why = [], {}
     for name, b in sorted(all_backends().items()):
