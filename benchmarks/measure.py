@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -84,12 +86,32 @@ def time_step(step: Callable[[], object], device: torch.device, *, warmup: int =
     return _quantiles(samples)
 
 
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence the C++ side's stderr (kineto prints two log lines per profiler start/stop).
+    Python exceptions still propagate; only native prints inside the block are dropped."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def cpu_memory_events(fn: Callable[[], object]) -> list[tuple[int, int]]:
     """``[(time_ns, bytes)]`` of every CPU allocation (+) and free (-) during ``fn()``, in order."""
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
