@@ -94,17 +94,27 @@ inline void check_apply_lengths(int64_t P, int64_t grads, int64_t exp_avgs, int6
               lr_tensors, " for ", P, " parameters");
 }
 
-// refs[i] against ref_mode[i] for sgg_adamw_apply
-inline void check_apply_ref(const std::optional<at::Tensor>& r, int64_t mode, int64_t i,
-                            const at::Tensor& p) {
+// refs[i] against ref_mode[i] for sgg_adamw_apply: the reference, or nullopt for momentum
+// (whose refs[i] is a placeholder with no elements).
+inline std::optional<at::Tensor> check_apply_ref(const at::Tensor& r, int64_t mode, int64_t i,
+                                                 const at::Tensor& p) {
+  TORCH_CHECK(r.defined(), "refs[", i, "] is undefined");
   if (mode == 0) {
-    TORCH_CHECK(!r, "refs[", i, "] must be None for ref_mode 0 (momentum: r is exp_avgs[", i,
-                "] before the step)");
-  } else {
-    TORCH_CHECK(r.has_value(), "refs[", i, "] is None but ref_mode[", i, "] = ", mode,
-                " (ema/source) needs a reference tensor");
-    check_like(*r, "refs", i, p, "params");
+    TORCH_CHECK(r.numel() == 0, "refs[", i, "] must be a placeholder with no elements for ref_mode 0 "
+                "(momentum: r is exp_avgs[", i, "] before the step), got shape ", r.sizes());
+    return std::nullopt;
   }
+  if (p.numel() == 0 && r.numel() == 0) return std::nullopt;
+  check_like(r, "refs", i, p, "params");
+  return r;
+}
+
+// refs[i] of sgg_guide_apply: nullopt when it has no elements (r = 0).
+inline std::optional<at::Tensor> guide_ref(const at::Tensor& r, int64_t i, const at::Tensor& g) {
+  TORCH_CHECK(r.defined(), "refs[", i, "] is undefined");
+  if (r.numel() == 0 && (g.numel() != 0 || r.sizes() != g.sizes())) return std::nullopt;
+  check_like(r, "refs", i, g, "grads");
+  return r;
 }
 
 }  // namespace sgg_fast

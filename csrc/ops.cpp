@@ -71,18 +71,20 @@ TORCH_LIBRARY(sgg_fast, m) {
   m.def("sgg_finalize(Tensor partials, Tensor seg_offsets, Tensor hyper, Tensor nu) -> Tensor");
   // AdamW on u = α·g + β·r (α, β from out[seg_index[i]]), one pass; also step += 1 and, for
   // ref_mode 1 (ema), refs[i] ← ref_beta·r + (1-ref_beta)·g. Does nothing when out says skip.
-  // ref_mode 0 (momentum): refs[i] must be None (r is exp_avgs[i] before the step).
+  // ref_mode 0 (momentum): r is exp_avgs[i] before the step and refs[i] is a placeholder with
+  // no elements. (The mutable lists take no None: torch.compile's functionalization of a
+  // mutable Tensor?[] with None entries fails in torch 2.14.)
   // lr_tensors: [] or one entry per tensor; a tensor entry overrides lr[i] (read on the device).
   m.def(
       "sgg_adamw_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor(e!)?[] refs, Tensor out, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor(e!)[] refs, Tensor out, "
       "int[] seg_index, float[] lr, float[] beta1, float[] beta2, float[] eps, "
       "float[] weight_decay, float[] ref_beta, int[] ref_mode, Tensor?[] lr_tensors, "
       "Tensor(f!)? ws=None, Tensor(g!)? ws_host=None) -> ()");
   // GradientGuidance: grads[i] ← α·g + β·r in place; ref_mode 1 (ema) also updates refs[i]
-  // with the raw g. Does nothing when out says skip.
+  // with the raw g. Does nothing when out says skip. refs[i] with no elements: r = 0.
   m.def(
-      "sgg_guide_apply(Tensor(a!)[] grads, Tensor(b!)?[] refs, Tensor out, int[] seg_index, "
+      "sgg_guide_apply(Tensor(a!)[] grads, Tensor(b!)[] refs, Tensor out, int[] seg_index, "
       "float[] ref_beta, int[] ref_mode, Tensor(c!)? ws=None, Tensor(d!)? ws_host=None) -> ()");
   // "key=value;..." : the CPU instruction set in use, whether CUDA was compiled in, constants.
   m.def("sgg_build_info() -> str", &sgg_fast::build_info);

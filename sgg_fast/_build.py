@@ -56,7 +56,8 @@ def cxx_flags(debug: bool = False) -> list[str]:
     # -ffp-contract=off: no a*b+c → fma contraction, so finalize rounds operation by operation
     # exactly like guidance.finalize's torch ops (and the vector and tail paths agree bitwise)
     flags = ["-O0", "-g"] if debug else ["-O3"]
-    flags += ["-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    flags += ["-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-psabi",
+              "-Wno-maybe-uninitialized"]
     if platform.system() != "Windows":
         flags += ["-fvisibility=hidden"]
     return flags

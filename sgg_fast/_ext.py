@@ -99,6 +99,8 @@ def _load_prebuilt() -> str | None:
 
 
 def _jit_build() -> None:
+    # CUDA_HOME first: torch.utils.cpp_extension guesses it at import (wrongly for a wrapper nvcc)
+    home = None if _env("SGG_FAST_SKIP_CUDA") else _build.ensure_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
@@ -107,9 +109,7 @@ def _jit_build() -> None:
         raise RuntimeError("the C++ sources (csrc/) are not available for a JIT build")
     if _build.cxx_compiler() is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    home = _build.ensure_cuda_home()
     with_cuda = (torch.cuda.is_available() and torch.version.cuda is not None and home is not None
-                 and not _env("SGG_FAST_SKIP_CUDA")
                  and os.path.isfile(os.path.join(home, "bin", "nvcc")))
     if with_cuda:
         _build.patch_torch_cuda_home(home)

@@ -228,7 +228,7 @@ OutView check_out(const at::Tensor& out) {
 // ---- sgg_adamw_apply -----------------------------------------------------------------------
 void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps,
-                     const c10::List<std::optional<at::Tensor>>& refs, const at::Tensor& out,
+                     at::TensorList refs, const at::Tensor& out,
                      at::IntArrayRef seg_index, at::ArrayRef<double> lr,
                      at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
                      at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
@@ -262,8 +262,7 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                 st.sizes(), " ", dtype_name(st.scalar_type()), " on ", st.device());
     check_seg(seg_index, i, ov.S);
     check_ref_mode(ref_mode[i], i);
-    auto r = opt_at(refs, i);
-    check_apply_ref(r, ref_mode[i], i, p);
+    const auto r = check_apply_ref(refs[i], ref_mode[i], i, p);
     double lr_i = lr[i];
     if (lr_tensors.size()) {
       if (auto lt = opt_at(lr_tensors, i)) {
@@ -311,7 +310,7 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 // ---- sgg_guide_apply -----------------------------------------------------------------------
-void guide_apply_cpu(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& refs,
+void guide_apply_cpu(at::TensorList grads, at::TensorList refs,
                      const at::Tensor& out, at::IntArrayRef seg_index,
                      at::ArrayRef<double> ref_beta, at::IntArrayRef ref_mode,
                      const std::optional<at::Tensor>& /*ws*/,
@@ -331,9 +330,8 @@ void guide_apply_cpu(at::TensorList grads, const c10::List<std::optional<at::Ten
                 "; this is the CPU implementation");
     check_seg(seg_index, i, ov.S);
     check_ref_mode(ref_mode[i], i);
-    auto r = opt_at(refs, i);
-    if (r) check_like(*r, "refs", i, g, "grads");
-    TORCH_CHECK(r || ref_mode[i] != REF_EMA, "refs[", i,
+    const auto r = guide_ref(refs[i], i, g);
+    TORCH_CHECK(r || ref_mode[i] != REF_EMA || g.numel() == 0, "refs[", i,
                 "] is None but ref_mode[", i, "] = 1 (ema) updates it");
     const int64_t s = seg_index[i];
     GuideTask& k = tasks[i];

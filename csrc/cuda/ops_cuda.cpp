@@ -192,7 +192,7 @@ void check_out_cuda(const at::Tensor& out, const at::Device& dev) {
 // ---- sgg_adamw_apply -----------------------------------------------------------------------
 void adamw_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList steps,
-                      const c10::List<std::optional<at::Tensor>>& refs, const at::Tensor& out,
+                      at::TensorList refs, const at::Tensor& out,
                       at::IntArrayRef seg_index, at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
                       at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
                       at::ArrayRef<double> weight_decay, at::ArrayRef<double> ref_beta,
@@ -222,8 +222,7 @@ void adamw_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                 st.sizes(), " ", dtype_name(st.scalar_type()), " on ", st.device());
     check_seg(seg_index, i, S);
     check_ref_mode(ref_mode[i], i);
-    auto r = opt_at(refs, i);
-    check_apply_ref(r, ref_mode[i], i, p);
+    const auto r = check_apply_ref(refs[i], ref_mode[i], i, p);
     int64_t lr_ptr = 0;
     if (lr_tensors.size()) {
       if (auto lt = opt_at(lr_tensors, i)) {
@@ -261,7 +260,7 @@ void adamw_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
 }
 
 // ---- sgg_guide_apply -----------------------------------------------------------------------
-void guide_apply_cuda(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& refs,
+void guide_apply_cuda(at::TensorList grads, at::TensorList refs,
                       const at::Tensor& out, at::IntArrayRef seg_index, at::ArrayRef<double> ref_beta,
                       at::IntArrayRef ref_mode, const std::optional<at::Tensor>& ws,
                       const std::optional<at::Tensor>& ws_host) {
@@ -283,9 +282,8 @@ void guide_apply_cuda(at::TensorList grads, const c10::List<std::optional<at::Te
     check_on(g, "grads", i, dev);
     check_seg(seg_index, i, S);
     check_ref_mode(ref_mode[i], i);
-    auto r = opt_at(refs, i);
-    if (r) check_like(*r, "refs", i, g, "grads");
-    TORCH_CHECK(r || ref_mode[i] != REF_EMA, "refs[", i, "] is None but ref_mode[", i,
+    const auto r = guide_ref(refs[i], i, g);
+    TORCH_CHECK(r || ref_mode[i] != REF_EMA || g.numel() == 0, "refs[", i, "] is None but ref_mode[", i,
                 "] = 1 (ema) updates it");
     TensorRec& rec = recs[i];
     std::memset(&rec, 0, sizeof(rec));

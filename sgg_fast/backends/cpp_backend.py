@@ -46,6 +46,18 @@ def _cached(plan: StepPlan, name: str, key, make):
     return value
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (a permutation of a contiguous layout), e.g. channels_last."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on ``device`` without a blocking copy (pinned staging buffer)."""
     t = torch.tensor(values, dtype=dtype)
@@ -75,7 +87,7 @@ class _CompiledBackend(Backend):
             return [_ext.error() or "the compiled extension could not be loaded"]
         reasons += self._loaded_reasons()
         for label, p in zip(plan.labels, plan.params):
-            if not (p.is_contiguous() or p.is_non_overlapping_and_dense()):
+            if not (p.is_contiguous() or _dense(p)):
                 reasons.append(f"{self.name} needs dense parameters; {label} has strides {p.stride()}")
                 break
         return reasons
@@ -171,10 +183,16 @@ class _CompiledBackend(Backend):
                  nu: torch.Tensor) -> torch.Tensor:
         return _ext.ops().sgg_finalize(partials.values, self._seg_offsets(plan, partials), hyper, nu)
 
+    def _placeholder(self, plan: StepPlan) -> torch.Tensor:
+        """The no-elements tensor standing for "no reference" in the ops' mutable refs list."""
+        dev = plan.home
+        return _cached(plan, "cpp_placeholder", dev, lambda: torch.empty(0, device=dev))
+
     def apply(self, plan: StepPlan, out: torch.Tensor) -> None:
         ops = _ext.ops()
         h = self._apply_lists(plan)
-        refs = [None if m == REF_MOMENTUM else r for m, r in zip(h["ref_mode"], plan.refs)]
+        none = self._placeholder(plan)
+        refs = [none if m == REF_MOMENTUM else r for m, r in zip(h["ref_mode"], plan.refs)]
         ws, ws_host = self._ws(plan, "apply")
         ops.sgg_adamw_apply(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.steps, refs,
                             out, plan.seg_of_param, h["lr"], h["beta1"], h["beta2"], h["eps"],
@@ -184,7 +202,9 @@ class _CompiledBackend(Backend):
         ops = _ext.ops()
         h = self._guide_lists(plan)
         ws, ws_host = self._ws(plan, "guide")
-        ops.sgg_guide_apply(plan.grads, plan.refs, out, plan.seg_of_param, h["ref_beta"], h["ref_mode"],
+        none = self._placeholder(plan)
+        refs = [none if r is None else r for r in plan.refs]
+        ops.sgg_guide_apply(plan.grads, refs, out, plan.seg_of_param, h["ref_beta"], h["ref_mode"],
                             ws, ws_host)
 
 
