@@ -108,9 +108,7 @@ def cuda_home_from_nvcc(nvcc: str | None) -> str | None:
         m = re.search(rb"exec\s+[\"']?([^\s\"']+/bin/nvcc)\b", head)
         if m:
             real = os.path.realpath(m.group(1).decode())
-    root = os.path.dirname(os.path.dirname(real))
-    return root if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) or \
-        os.path.isdir(os.path.join(root, "targets")) else root
+    return os.path.dirname(os.path.dirname(real))
 
 
 def ensure_cuda_home() -> str | None:

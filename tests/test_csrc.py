@@ -756,3 +756,24 @@ def test_cuda_tensor_over_2_31_elements():
     assert float(step) == 1.0
     assert float(p[0]) == float(p[-1]) != 0.0 and float(m[-1]) == float(m[0])
     assert int((p == 0).sum()) == 0
+
+
+# ---- build helpers -----------------------------------------------------------------------------
+def test_cuda_home_from_a_wrapper_script(tmp_path):
+    """nvcc on PATH may be `exec /opt/cuda-x/bin/nvcc "$@"` (torch would guess /usr/local)."""
+    from sgg_fast import _build
+
+    root = tmp_path / "cuda-13.0"
+    (root / "bin").mkdir(parents=True)
+    real = root / "bin" / "nvcc"
+    real.write_text("#!/bin/sh\n")
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    assert _build.cuda_home_from_nvcc(str(wrapper)) == str(root)
+    link = tmp_path / "nvcc-link"
+    link.symlink_to(real)
+    assert _build.cuda_home_from_nvcc(str(link)) == str(root)
+    assert _build.parse_archs("80;90") == ["80", "90"] and _build.parse_archs("8.0 9.0+PTX") == ["80", "90+PTX"]
+    flags = " ".join(_build.nvcc_flags(["90+PTX"]))
+    assert "arch=compute_90,code=sm_90" in flags and "code=compute_90" in flags and "--fmad=false" in flags

@@ -82,6 +82,21 @@ inline double lanes_sum(const Vec& v) {
   return s;
 }
 
+// Software prefetch distance of the statistics pass. With only two read streams (g, r) one
+// core leaves DRAM bandwidth unused (too few misses in flight for the hardware prefetcher);
+// prefetching 8 cache lines ahead of each stream halved its time on the 2-core Xeon (SPR) this
+// was tuned on (16.7 M fp32 elements: 20 → 10 ms); 256-2048 bytes measured alike. The apply pass
+// (4-5 streams) showed no gain from it and has none.
+constexpr int64_t kPrefetchBytes = 512;
+
+// Prefetch the cache lines of the 2·W-element block kPrefetchBytes ahead of x + i (a prefetch
+// past the end of the tensor is harmless: it cannot fault).
+template <typename T>
+inline void prefetch_ahead(const T* x, int64_t i) {
+  const char* a = reinterpret_cast<const char*>(x + i) + kPrefetchBytes;
+  for (int64_t o = 0; o < W2 * int64_t(sizeof(T)); o += 64) __builtin_prefetch(a + o);
+}
+
 // ---- statistics -------------------------------------------------------------------------------
 // Two accumulators per statistic (the a/b halves of each 2·W step) keep the add chains short.
 // Lanes are summed in fp32 over one range (a chunk: at most a few 10^4 elements per lane pair),
@@ -96,6 +111,9 @@ void stats_t(const StatsTask& t, int64_t begin, int64_t end, float* out) {
   Vec ga, gb, ra, rb, pa, pb;
   int64_t i = 0;
   for (; i + W2 <= n; i += W2) {
+    prefetch_ahead(g, i);
+    if (HAS_R) prefetch_ahead(r, i);
+    if (HAS_P) prefetch_ahead(p, i);
     IO<T>::load(g + i, ga, gb);
     gg0 = gg0 + ga * ga;
     gg1 = gg1 + gb * gb;

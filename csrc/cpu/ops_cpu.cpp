@@ -68,7 +68,7 @@ std::vector<int64_t> chunk_prefix(const std::vector<int64_t>& numels, int64_t ch
   return pre;
 }
 
-// Run fn(tensor, begin, end) for every chunk [0, pre.back()) in parallel.
+// Run fn(tensor, chunk, begin, end) for every chunk [0, pre.back()) in parallel.
 template <typename F>
 void for_each_chunk(const std::vector<int64_t>& pre, const std::vector<int64_t>& numels,
                     int64_t chunk, const F& fn) {
@@ -78,8 +78,7 @@ void for_each_chunk(const std::vector<int64_t>& pre, const std::vector<int64_t>&
     for (int64_t c = cb; c < ce; ++c) {
       while (c >= pre[t + 1]) ++t;
       const int64_t begin = (c - pre[t]) * chunk;
-      const int64_t end = std::min(begin + chunk, numels[t]);
-      fn(t, c, begin, end);
+      fn(t, c, begin, std::min(begin + chunk, numels[t]));
     }
   });
 }
