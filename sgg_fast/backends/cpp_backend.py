@@ -102,7 +102,9 @@ class _CompiledBackend(Backend):
 
     def _seg_offsets(self, plan: StepPlan, partials: Partials) -> torch.Tensor:
         dev = partials.values.device
-        return _cached(plan, "cpp_seg_offsets", (tuple(partials.offsets), dev),
+        # two slots: per-chunk rows (stats) and one row per segment (reduced, e.g. distributed)
+        name = "cpp_seg_offsets_reduced" if partials.is_reduced else "cpp_seg_offsets"
+        return _cached(plan, name, (tuple(partials.offsets), dev),
                        lambda: _to_device(partials.offsets, torch.int64, dev))
 
     def _row_offsets(self, plan: StepPlan) -> list[int]:
