@@ -3,9 +3,10 @@
 //  stats     grid = total chunks; block c finds its tensor in the device table (binary search
 //            on chunk_begin), sums (gg, rr, gr, pp) over its ≤ chunk elements in fp32 and writes
 //            one row of partials (no atomics: a fixed reduction tree → deterministic).
-//  finalize  one block; warp w sums the rows of segments w, w+32, ... in double (lane-strided,
-//            fixed shuffle tree), lane 0 applies finalize_row (sgg_common.h, the exact math of
-//            guidance.finalize), then the block ORs the bad flags into the global skip.
+//  finalize  one block of 32 warps; groups of warps (all 32 for one segment, one each for 32+
+//            segments) sum each segment's rows in double in a fixed order, the group's first
+//            thread applies finalize_row (sgg_common.h, the math of guidance.finalize), then the
+//            block ORs the bad flags into the global skip.
 //  apply     grid = total chunks of kCudaApplyChunk elements; reads skip, α, β, lr and step from
 //            device memory (no host sync, graph-capturable), forms u in registers, updates
 //            p, m, v (and the ema reference). The last block of a tensor (a per-tensor counter
@@ -148,49 +149,74 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const TensorRec* recs, 
 
 // ---- segment sums / finalize (one block) -----------------------------------------------------
 constexpr int kFinalizeThreads = 1024;
+constexpr int kFinalizeWarps = kFinalizeThreads / 32;
 
-template <typename T>
-__device__ __forceinline__ void warp_segment_sum(const T* partials, const int64_t* off, int64_t C,
-                                                 int64_t s, double (&acc)[4]) {
-  const int lane = threadIdx.x & 31;
-  int64_t lo = off[s], hi = off[s + 1];
-  lo = lo < 0 ? 0 : lo;
-  hi = hi > C ? C : hi;
-  for (int k = 0; k < 4; ++k) acc[k] = 0.0;
-  for (int64_t c = lo + lane; c < hi; c += 32)
-    for (int k = 0; k < 4; ++k) acc[k] += static_cast<double>(partials[c * NUM_STATS + k]);
-  for (int k = 0; k < 4; ++k)
-    for (int o = 16; o > 0; o >>= 1) acc[k] += __shfl_down_sync(0xffffffffu, acc[k], o);
+// The block's 32 warps form groups of G warps (G = 32 / groups, a power of two chosen so that
+// few segments get many warps and many segments one warp each); group k sums segments k,
+// k + groups, ... in lock step, so every __syncthreads is reached by all threads. Within a
+// group, thread j adds rows j, j + 32·G, ... in double; lanes then warps are combined in a
+// fixed order: the sums are deterministic.
+__device__ __forceinline__ int finalize_groups(int64_t S) {
+  int groups = kFinalizeWarps;
+  while (groups > 1 && groups / 2 >= S) groups /= 2;
+  return groups;
+}
+
+// Calls done(s, acc) on thread 0 of the segment's group for every segment s < S.
+template <typename T, typename Done>
+__device__ __forceinline__ void for_each_segment_sum(const T* partials, const int64_t* off, int64_t C,
+                                                     int64_t S, const Done& done) {
+  __shared__ double sh[kFinalizeWarps][4];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int groups = finalize_groups(S);
+  const int G = kFinalizeWarps / groups;  // warps per group
+  const int group = warp / G, wig = warp % G;
+  const int64_t rounds = (S + groups - 1) / groups;
+  for (int64_t it = 0; it < rounds; ++it) {
+    const int64_t s = group + it * groups;
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    if (s < S) {
+      int64_t lo = off[s], hi = off[s + 1];
+      lo = lo < 0 ? 0 : lo;
+      hi = hi > C ? C : hi;
+#pragma unroll 4
+      for (int64_t c = lo + wig * 32 + lane; c < hi; c += 32 * G)
+        for (int k = 0; k < 4; ++k) acc[k] += static_cast<double>(partials[c * NUM_STATS + k]);
+    }
+    for (int k = 0; k < 4; ++k)
+      for (int o = 16; o > 0; o >>= 1) acc[k] += __shfl_down_sync(0xffffffffu, acc[k], o);
+    if (lane == 0)
+      for (int k = 0; k < 4; ++k) sh[warp][k] = acc[k];
+    __syncthreads();
+    if (s < S && wig == 0 && lane == 0) {
+      double tot[4] = {0.0, 0.0, 0.0, 0.0};
+      for (int w = 0; w < G; ++w)
+        for (int k = 0; k < 4; ++k) tot[k] += sh[warp + w][k];
+      done(s, tot);
+    }
+    __syncthreads();
+  }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads) segment_sum_kernel(const T* partials, const int64_t* off,
                                                                        int64_t C, int64_t S, T* sums) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-  for (int64_t s = warp; s < S; s += nwarps) {
-    double acc[4];
-    warp_segment_sum<T>(partials, off, C, s, acc);
-    if (lane == 0)
-      for (int k = 0; k < 4; ++k) sums[s * NUM_STATS + k] = static_cast<T>(acc[k]);
-  }
+  for_each_segment_sum<T>(partials, off, C, S, [&](int64_t s, const double (&tot)[4]) {
+    for (int k = 0; k < 4; ++k) sums[s * NUM_STATS + k] = static_cast<T>(tot[k]);
+  });
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const T* partials, const int64_t* off,
                                                                     int64_t C, const T* hyper, const T* nu,
                                                                     int64_t S, T* out) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   int bad = 0;
-  for (int64_t s = warp; s < S; s += nwarps) {
-    double acc[4];
-    warp_segment_sum<T>(partials, off, C, s, acc);
-    if (lane == 0) {
-      const T st[4] = {static_cast<T>(acc[0]), static_cast<T>(acc[1]), static_cast<T>(acc[2]),
-                       static_cast<T>(acc[3])};
-      bad |= finalize_row<T>(st, hyper + s * NUM_HYPER, nu[s], out + s * NUM_OUT) ? 1 : 0;
-    }
-  }
-  const int skip = __syncthreads_or(bad);
+  for_each_segment_sum<T>(partials, off, C, S, [&](int64_t s, const double (&tot)[4]) {
+    const T st[4] = {static_cast<T>(tot[0]), static_cast<T>(tot[1]), static_cast<T>(tot[2]),
+                     static_cast<T>(tot[3])};
+    bad |= finalize_row<T>(st, hyper + s * NUM_HYPER, nu[s], out + s * NUM_OUT) ? 1 : 0;
+  });
+  const int skip = __syncthreads_or(bad);  // the global skip: any segment's statistics non-finite
   for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
     if (skip) out[s * NUM_OUT + O_NU] = nu[s];
     out[s * NUM_OUT + O_SKIP] = skip ? T(1) : T(0);
