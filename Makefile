@@ -17,6 +17,10 @@ $(STAMP): setup.py pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 
+# the compiled extension (csrc/, sgg_fast._C) is built by the editable install above: rebuild it
+# when its sources change
+$(STAMP): $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu sgg_fast/_build.py)
+
 install: $(STAMP)
 
 test: $(STAMP)
