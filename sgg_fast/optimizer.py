@@ -157,7 +157,10 @@ class _GuidedMixin:
         for i in idx:
             by_dev.setdefault(plan.norm_emas[i].device, []).append(i)
         for dev, ii in by_dev.items():
-            seg = torch.tensor([plan.seg_of_param[i] for i in ii], device=plan.home)
+            segs = tuple(plan.seg_of_param[i] for i in ii)
+            # cached across steps: building a device index every step would be a blocking copy
+            seg = plan._cached(f"nu_index:{dev}", (segs, plan.home),
+                               lambda: torch.tensor(segs, device=plan.home))
             vals = nu[seg].to(dev)
             torch._foreach_copy_([plan.norm_emas[i] for i in ii], list(vals.unbind()))
 
