@@ -33,6 +33,9 @@ def main() -> int:
         print(f"triton {md.version('triton')}")
     except Exception:
         print("triton: not installed")
+    from . import _ext
+
+    print(_ext.status_line())  # loads (or JIT-builds) the compiled extension; says why not
     print()
     print(f"{'backend':<8} {'status':<13} details")
     for name, ok, detail in backend_table():

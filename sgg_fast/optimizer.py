@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends as _backends
+from . import distributed as _distributed
 from . import guidance as G
 from .plan import (GRANULARITIES, MAG_MODES, NONFINITE, REF_EMA, REF_MOMENTUM, REF_SOURCE,
                    REFERENCES, SEGMENT_KEYS, StepPlan, build_plan)
@@ -102,13 +103,14 @@ class _GuidedMixin:
 
     _owner = "SGGAdamW"
 
-    def _init_guided(self, backend: str) -> None:
+    def _init_guided(self, backend: str, process_group=None) -> None:
         if backend != "auto":
             _backends.get_backend(backend)  # ValueError for an unknown name
         self.backend = backend
+        self.process_group = _distributed.check_process_group(process_group, self._owner)
         self._cache: dict[str, Any] = {}
         self._last_out: torch.Tensor | None = None
-        self._last_plan: StepPlan | None = None
+        self._last_labels: list[str] = []   # labels only: the plan would keep last step's grads alive
         self._backend_key = None
         self._backend_obj = None
 
@@ -155,19 +157,27 @@ class _GuidedMixin:
         for i in idx:
             by_dev.setdefault(plan.norm_emas[i].device, []).append(i)
         for dev, ii in by_dev.items():
-            seg = torch.tensor([plan.seg_of_param[i] for i in ii], device=plan.home)
+            segs = tuple(plan.seg_of_param[i] for i in ii)
+            # cached across steps: building a device index every step would be a blocking copy
+            seg = plan._cached(f"nu_index:{dev}", (segs, plan.home),
+                               lambda: torch.tensor(segs, device=plan.home))
             vals = nu[seg].to(dev)
             torch._foreach_copy_([plan.norm_emas[i] for i in ii], list(vals.unbind()))
 
     def _run_guided(self, plan: StepPlan, stage: str) -> torch.Tensor:
-        """Statistics → finalize → ``stage`` ("apply" or "guide"); returns the finalize output."""
+        """Statistics → (all-reduce across ranks) → finalize → ``stage`` ("apply" or "guide");
+        returns the finalize output. DTensors in the plan are replaced by their local shards."""
+        sync = _distributed.prepare(plan, self.process_group, self._owner)
         backend = self._resolve(plan)
-        partials = backend.stats(plan)
-        out = backend.finalize(plan, partials, plan.hyper(partials.values.dtype), self._gather_nu(plan))
+        owns_nu = getattr(backend, "owns_norm_ema", False)  # reads/writes norm_ema itself
+        partials = backend.stats(plan) if sync is None else sync.stats(plan, backend)
+        nu = None if owns_nu else self._gather_nu(plan)
+        out = backend.finalize(plan, partials, plan.hyper(partials.values.dtype), nu)
         self._check_finite(plan, out)
         getattr(backend, stage)(plan, out)
-        self._scatter_nu(plan, out)
-        self._last_out, self._last_plan = out, plan
+        if not owns_nu:
+            self._scatter_nu(plan, out)
+        self._last_out, self._last_labels = out, [s.label for s in plan.segments]
         return out
 
     def last_stats(self) -> dict[str, torch.Tensor]:
@@ -180,7 +190,7 @@ class _GuidedMixin:
 
     def segment_labels(self) -> list[str]:
         """What each row of ``last_stats()`` refers to (e.g. "param_groups[0]")."""
-        return [] if self._last_plan is None else [s.label for s in self._last_plan.segments]
+        return list(self._last_labels)
 
 
 class SGGAdamW(_GuidedMixin, Optimizer):
@@ -221,6 +231,11 @@ class SGGAdamW(_GuidedMixin, Optimizer):
         nonfinite: ``"skip" | "raise"``.
         backend: ``"auto" | "torch" | "triton" | "cuda" | "cpu"`` (``SGG_FAST_BACKEND``
             overrides ``"auto"``); see :func:`sgg_fast.available_backends`.
+        process_group: for tensors sliced across processes by hand (each rank holds a slice of
+            every segment): the segment statistics are summed over this group each step (one
+            all-reduce of ``[segments, 4]``). Not needed for DDP (whole, averaged gradients) nor
+            FSDP2 / DTensor parameters (summed over their mesh automatically); see
+            :mod:`sgg_fast.distributed`.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (torch's names, so a
     ``torch.optim.AdamW`` state dict loads both ways), ``ref`` (ema/source) and ``norm_ema``
@@ -234,7 +249,8 @@ class SGGAdamW(_GuidedMixin, Optimizer):
                  lambda_dir: float = 0.2, lambda_mag: float = 1.0, lambda_align: float = 1.0,
                  mag_mode: str = "relative", max_norm: float = 1.0, mag_ratio: float = 2.0,
                  mag_beta: float = 0.9, reference: str = "momentum", ref_beta: float = 0.9,
-                 granularity: str = "group", nonfinite: str = "skip", backend: str = "auto"):
+                 granularity: str = "group", nonfinite: str = "skip", backend: str = "auto",
+                 process_group=None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, lambda_dir=lambda_dir, lambda_mag=lambda_mag,
                         lambda_align=lambda_align, mag_mode=mag_mode, max_norm=max_norm,
@@ -242,7 +258,7 @@ class SGGAdamW(_GuidedMixin, Optimizer):
                         ref_beta=ref_beta, granularity=granularity, nonfinite=nonfinite)
         validate_adamw(defaults)
         validate_guidance(defaults)
-        self._init_guided(backend)
+        self._init_guided(backend, process_group)
         super().__init__(params, defaults)
 
     # -- param_groups ------------------------------------------------------------------------
@@ -278,7 +294,7 @@ class SGGAdamW(_GuidedMixin, Optimizer):
             if r is None:
                 st["ref"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             else:
-                st["ref"] = r.detach().to(device=p.device, dtype=p.dtype, copy=True)
+                st["ref"] = _distributed.like_param(r, p)
 
     # -- the step ----------------------------------------------------------------------------
     def _prepare(self) -> StepPlan:
@@ -331,6 +347,7 @@ class SGGAdamW(_GuidedMixin, Optimizer):
                 loss = closure()
         plan = self._prepare()
         if not plan.params:
+            _distributed.idle_step(plan, self.process_group, self._owner)
             return loss
         self._run_guided(plan, "apply")
         return loss
@@ -373,4 +390,4 @@ class SGGAdamW(_GuidedMixin, Optimizer):
                                   if torch.is_tensor(step) else
                                   torch.tensor(float(step), dtype=torch.float32, device=p.device))
         self._last_out = None
-        self._last_plan = None
+        self._last_labels = []

@@ -102,8 +102,28 @@ class StepPlan:
             self.seg_of_param, dtype=torch.int64).to(self.home))
 
 
-def _describe(p: torch.Tensor) -> str:
+def describe(p: torch.Tensor) -> str:
+    """``shape (…), dtype, device`` of a tensor, for error messages."""
     return f"shape {tuple(p.shape)}, {str(p.dtype).replace('torch.', '')}, {p.device}"
+
+
+def _reject(owner: str, where: str, p: torch.Tensor, g: torch.Tensor) -> None:
+    """Raise the error that says what is wrong with this parameter/gradient and what to do.
+    Called only when a cheap check failed, so the messages cost nothing on normal steps."""
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(
+            f"{owner} does not support sparse gradients: {where} has a {g.layout} gradient. "
+            "Use torch.optim.SparseAdam for sparse embeddings, or nn.Embedding(sparse=False).")
+    if torch.is_complex(p) or torch.is_complex(g):
+        raise RuntimeError(
+            f"{owner} does not support complex parameters: {where}. "
+            "Optimize torch.view_as_real(param) instead.")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(
+            f"{owner} supports float32, bfloat16, float16 and float64 parameters; {where} is not.")
+    raise RuntimeError(
+        f"{owner}: the gradient of {where} has shape {tuple(g.shape)}, {g.dtype}, {g.device}; "
+        "it must match its parameter's shape, dtype and device.")
 
 
 def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
@@ -125,22 +145,10 @@ def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
             g = p.grad
             if g is None:
                 continue
-            where = f"param_groups[{gi}]['params'][{pi}] ({_describe(p)})"
-            if g.is_sparse or g.layout != torch.strided:
-                raise RuntimeError(
-                    f"{owner} does not support sparse gradients: {where} has a {g.layout} gradient. "
-                    "Use torch.optim.SparseAdam for sparse embeddings, or nn.Embedding(sparse=False).")
-            if torch.is_complex(p) or torch.is_complex(g):
-                raise RuntimeError(
-                    f"{owner} does not support complex parameters: {where}. "
-                    "Optimize torch.view_as_real(param) instead.")
-            if p.dtype not in SUPPORTED_DTYPES:
-                raise RuntimeError(
-                    f"{owner} supports float32, bfloat16, float16 and float64 parameters; {where} is not.")
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                raise RuntimeError(
-                    f"{owner}: the gradient of {where} has shape {tuple(g.shape)}, {g.dtype}, {g.device}; "
-                    "it must match its parameter's shape, dtype and device.")
+            if (g.layout != torch.strided or torch.is_complex(p) or torch.is_complex(g)
+                    or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape or g.dtype != p.dtype
+                    or g.device != p.device):
+                _reject(owner, f"param_groups[{gi}]['params'][{pi}] ({describe(p)})", p, g)
             members.append((gi, pi, p))
         if group["granularity"] == "global":
             if global_seg is None:

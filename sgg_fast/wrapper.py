@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
+from . import distributed as _distributed
 from . import guidance as G
 from .optimizer import GUIDANCE_DEFAULTS, _GuidedMixin, check_reference_shapes, validate_guidance
 from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, SEGMENT_KEYS, StepPlan, build_plan
@@ -32,11 +33,15 @@ class GradientGuidance(_GuidedMixin, Optimizer):
     ``param_groups`` and ``state`` are the wrapped optimizer's, so LR schedulers and
     ``zero_grad`` work on the wrapper. Skipping a non-finite step needs the host to know
     whether to call the wrapped ``step()``: one sync per step.
+
+    ``process_group``: as for :class:`~sgg_fast.SGGAdamW`, for tensors sliced across processes
+    by hand; DTensor (FSDP2) parameters and DDP need none.
     """
 
     _owner = "GradientGuidance"
 
-    def __init__(self, optimizer: Optimizer, backend: str = "auto", **guidance_kwargs: Any):
+    def __init__(self, optimizer: Optimizer, backend: str = "auto", process_group=None,
+                 **guidance_kwargs: Any):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"GradientGuidance wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         unknown = set(guidance_kwargs) - set(GUIDANCE_DEFAULTS)
@@ -63,7 +68,7 @@ class GradientGuidance(_GuidedMixin, Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self.guide_state: defaultdict[torch.Tensor, dict] = defaultdict(dict)
-        self._init_guided(backend)
+        self._init_guided(backend, process_group)
 
     @property
     def param_groups(self) -> list[dict]:  # type: ignore[override]
@@ -89,7 +94,7 @@ class GradientGuidance(_GuidedMixin, Optimizer):
         """As :meth:`SGGAdamW.set_reference`; stored in ``guide_state[p]["ref"]``."""
         for p, r in check_reference_shapes(self._all_params(), refs, "GradientGuidance").items():
             self.guide_state[p]["ref"] = (torch.zeros_like(p) if r is None else
-                                          r.detach().to(device=p.device, dtype=p.dtype, copy=True))
+                                          _distributed.like_param(r, p))
 
     def _momentum(self, p: torch.Tensor, label: str) -> torch.Tensor | None:
         st = self.optimizer.state.get(p, {})
@@ -136,6 +141,8 @@ class GradientGuidance(_GuidedMixin, Optimizer):
             out = self._run_guided(plan, "guide")
             if bool(out[0, G.O_SKIP].item()):  # host sync: whether to call the wrapped step
                 return loss
+        else:
+            _distributed.idle_step(plan, self.process_group, self._owner)
         self.optimizer.step()
         return loss
 
@@ -164,7 +171,7 @@ class GradientGuidance(_GuidedMixin, Optimizer):
                 self.guide_state[p] = {
                     k: v.detach().to(device=p.device, dtype=torch.float32 if k == "norm_ema" else p.dtype,
                                      copy=True) for k, v in st.items()}
-        self._last_out = self._last_plan = None
+        self._last_out, self._last_labels = None, []
 
 
 __all__ = ["GradientGuidance", "SEGMENT_KEYS"]

@@ -171,3 +171,20 @@ def test_closure_returns_loss(backend):
     loss = opt.step(closure)
     assert float(loss) == pytest.approx(before)
     assert float((w ** 2).sum()) < before
+
+
+def test_step_keeps_no_reference_to_gradients(backend):
+    """After zero_grad(set_to_none=True) last step's gradients can be freed (no O(N) retention)."""
+    import gc
+    import weakref
+
+    ps = [torch.randn(97, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    opt = SGGAdamW([{"params": ps[:1]}, {"params": ps[1:]}], backend=backend)
+    for p in ps:
+        p.grad = torch.randn(p.shape)
+    refs = [weakref.ref(p.grad) for p in ps]
+    opt.step()
+    assert opt.segment_labels() == ["param_groups[0]", "param_groups[1]"]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)

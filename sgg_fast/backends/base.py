@@ -43,6 +43,10 @@ class Backend:
     auto_priority: dict[str, int | None] = {}
     #: True when ``apply``/``guide`` decide the skip on the device (no host sync in a step)
     device_skip: bool = True
+    #: True when ``finalize`` reads each segment's ``norm_ema`` from ``plan.norm_emas`` itself
+    #: (the optimizer then passes ``nu=None``) and ``apply``/``guide`` write the new value back
+    #: (unless the step is skipped): no gather/scatter launches around finalize
+    owns_norm_ema: bool = False
 
     def unavailable_reasons(self) -> list[str]:
         return []

@@ -1,0 +1,46 @@
+// AVX-512 (F/BW/VL/DQ) build of the CPU kernels, chosen at run time when the CPU has them.
+// See kernels_avx2.cpp for why this is a pragma and what CPU_CAPABILITY does.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#pragma GCC target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512dq")
+// The pragma does not define the ISA macros that headers test (sleef.h declares its
+// vector functions under #ifdef __AVX__ ...): define them for this file only.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#ifndef __BMI2__
+#define __BMI2__ 1
+#endif
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#define SGG_ISA_NAME avx512
+#define SGG_ISA_STRING "avx512"
+#include "kernels_impl.h"
+#else
+#include "kernels.h"
+namespace sgg_fast {
+namespace cpu {
+Kernels kernels_avx512() { return Kernels{nullptr, nullptr, nullptr, "avx512"}; }
+}  // namespace cpu
+}  // namespace sgg_fast
+#endif

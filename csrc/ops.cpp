@@ -1,0 +1,105 @@
+// The sgg_fast op schema: one definition, implemented for CPU (cpu/ops_cpu.cpp) and CUDA
+// (cuda/ops_cuda.cpp + cuda/kernels.cu). Fake (meta) implementations for torch.compile are
+// registered from Python (sgg_fast/_ops.py). One SGG step is
+//
+//   partials = sgg_stats(grads, refs, params, chunk_size)            # [C, 4] per-chunk sums
+//   out      = sgg_finalize(partials, seg_offsets, hyper, nu)        # [S, 13] α, β, ν, skip, stats
+//   sgg_adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, refs, out, ...)   # SGGAdamW
+//   sgg_guide_apply(grads, refs, out, ...)                           # GradientGuidance
+//
+// Layouts (columns) are those of sgg_fast/guidance.py; see csrc/sgg_common.h.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cstdio>
+#include <string>
+
+#include "sgg_common.h"
+
+namespace sgg_fast {
+namespace cpu {
+const char* cpu_isa();
+}
+#ifdef SGG_FAST_WITH_CUDA
+namespace cuda {
+std::string cuda_build_info();
+}
+#endif
+
+namespace {
+#define SGG_STR_(x) #x
+#define SGG_STR(x) SGG_STR_(x)
+
+std::string fmt(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.17g", v);
+  return buf;
+}
+
+std::string build_info() {
+  std::string s = "cpu_isa=" + std::string(cpu::cpu_isa());
+#ifdef SGG_FAST_WITH_CUDA
+  s += ";cuda=1;" + cuda::cuda_build_info();
+#else
+  s += ";cuda=0";
+#endif
+  s += ";num_out=" + std::to_string(NUM_OUT) + ";num_hyper=" + std::to_string(NUM_HYPER);
+  s += ";blend_eps=" + fmt(BLEND_EPS) + ";cancel_eps=" + fmt(CANCEL_EPS);
+  s += ";param_norm_floor=" + fmt(PARAM_NORM_FLOOR);
+#ifdef SGG_FAST_SOURCE_HASH
+  s += ";source_hash=" SGG_STR(SGG_FAST_SOURCE_HASH);
+#endif
+  return s;
+}
+}  // namespace
+}  // namespace sgg_fast
+
+TORCH_LIBRARY(sgg_fast, m) {
+  // fake (meta) implementations for torch.compile live in this Python module
+  m.set_python_module("sgg_fast._ops");
+  // Per-chunk statistics (gg, rr, gr, pp) of every tensor. Tensor i owns
+  // max(1, ceil(numel_i / chunk_size)) consecutive rows, in list order. refs[i] None: r = 0;
+  // params[i] None: pp not needed (0). ws / ws_host: the CUDA implementation's device table and
+  // its host mirror (int64, 17 words per tensor, zero-initialised, reused across steps);
+  // the CPU implementation ignores them.
+  m.def(
+      "sgg_stats(Tensor[] grads, Tensor?[] refs, Tensor?[] params, int chunk_size, "
+      "Tensor(a!)? ws=None, Tensor(b!)? ws_host=None) -> Tensor");
+  // Sum the rows seg_offsets[s]:seg_offsets[s+1] of each segment, in row order (deterministic).
+  m.def("sgg_segment_sum(Tensor partials, Tensor seg_offsets) -> Tensor");
+  // sgg_segment_sum then guidance.finalize: [S, 13] (OUT_COLS), with the global skip flag.
+  m.def("sgg_finalize(Tensor partials, Tensor seg_offsets, Tensor hyper, Tensor nu) -> Tensor");
+  // AdamW on u = α·g + β·r (α, β from out[seg_index[i]]), one pass; also step += 1 and, for
+  // ref_mode 1 (ema), refs[i] ← ref_beta·r + (1-ref_beta)·g. Does nothing when out says skip.
+  // ref_mode 0 (momentum): r is exp_avgs[i] before the step and refs[i] is a placeholder with
+  // no elements. (The mutable lists take no None: torch.compile's functionalization of a
+  // mutable Tensor?[] with None entries fails in torch 2.14.)
+  // lr_tensors: [] or one entry per tensor; a tensor entry overrides lr[i] (read on the device).
+  m.def(
+      "sgg_adamw_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor(e!)[] refs, Tensor out, "
+      "int[] seg_index, float[] lr, float[] beta1, float[] beta2, float[] eps, "
+      "float[] weight_decay, float[] ref_beta, int[] ref_mode, Tensor?[] lr_tensors, "
+      "Tensor(f!)? ws=None, Tensor(g!)? ws_host=None) -> ()");
+  // GradientGuidance: grads[i] ← α·g + β·r in place; ref_mode 1 (ema) also updates refs[i]
+  // with the raw g. Does nothing when out says skip. refs[i] with no elements: r = 0.
+  m.def(
+      "sgg_guide_apply(Tensor(a!)[] grads, Tensor(b!)[] refs, Tensor out, int[] seg_index, "
+      "float[] ref_beta, int[] ref_mode, Tensor(c!)? ws=None, Tensor(d!)? ws_host=None) -> ()");
+  // "key=value;..." : the CPU instruction set in use, whether CUDA was compiled in, constants.
+  m.def("sgg_build_info() -> str", &sgg_fast::build_info);
+}
+
+// A Python module of the extension's name, so `import sgg_fast._C` works; the ops are
+// registered by the static initialisers above when the library is loaded.
+#define SGG_CAT_(a, b) a##b
+#define SGG_CAT(a, b) SGG_CAT_(a, b)
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+extern "C" PyMODINIT_FUNC SGG_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, SGG_STR(TORCH_EXTENSION_NAME),
+                                   "sgg_fast compiled ops (registered as torch.ops.sgg_fast)", -1,
+                                   nullptr};
+  return PyModule_Create(&def);
+}

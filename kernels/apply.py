@@ -1,0 +1,290 @@
+"""Apply kernels (DESIGN §3, launch 3 of a step): the fused guided AdamW update and the guided
+in-place gradient rewrite of GradientGuidance. One multi-tensor launch each, over the same chunk
+and pointer tables as the statistics launch (:mod:`.layout`).
+
+:func:`launch_apply` — per element, in fp32 registers (DESIGN §1 D), with ``r`` as it stood
+before this step (``exp_avg`` itself for ``reference="momentum"``)::
+
+    u = α·g + β·r                                   (never stored)
+    r ← ref_beta·r + (1-ref_beta)·g                 (reference="ema"; the raw g)
+    m ← β1·m + (1-β1)·u ;  v ← β2·v + (1-β2)·u²
+    p ← p·(1 - lr·wd) - lr/(1-β1^t) · m / (√v/√(1-β2^t) + eps),   t = step + 1
+
+α, β (per segment) and the skip flag come from the finalize output on the device; a skipped step
+runs no iteration and writes nothing. Learning rate, betas, eps, weight decay and ref_beta come
+from a per-group table and the step counts from a scratch copy the statistics launch made: all
+runtime values (no recompilation per step, LR schedules work). The first chunk of each tensor
+writes ``step = t`` and the segment's new ``norm_ema``; every program computes the bias
+corrections from the OLD step (the scratch copy), never from a value another program writes.
+
+:func:`launch_guide` — ``g ← α·g + β·r`` in place (and the ema update with the raw g).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sgg_fast import guidance as _G
+
+from . import count_launch
+from . import layout as L
+from .stats import BLOCK, NUM_WARPS, _load_f32, _ptr
+
+_MC = tl.constexpr(L.META_COLS)
+_G_ = tl.constexpr(L.G)
+_R_ = tl.constexpr(L.R)
+_P_ = tl.constexpr(L.P)
+_M_ = tl.constexpr(L.M)
+_V_ = tl.constexpr(L.V)
+_STEP = tl.constexpr(L.STEP)
+_NU = tl.constexpr(L.NU)
+_NUMEL = tl.constexpr(L.NUMEL)
+_SEG = tl.constexpr(L.SEG)
+_GROUP = tl.constexpr(L.GROUP)
+_FLAGS = tl.constexpr(L.FLAGS)
+_R_READ = tl.constexpr(L.R_READ)
+_R_EMA = tl.constexpr(L.R_EMA)
+_R_IS_M = tl.constexpr(L.R_IS_M)
+_F_NU = tl.constexpr(L.F_NU)
+_F_STEP = tl.constexpr(L.F_STEP)
+_HC = tl.constexpr(L.HYP_COLS)
+_H_LR = tl.constexpr(L.H_LR)
+_H_DECAY = tl.constexpr(L.H_DECAY)
+_H_EPS = tl.constexpr(L.H_EPS)
+_H_B1 = tl.constexpr(L.H_B1)
+_H_OMB1 = tl.constexpr(L.H_OMB1)
+_H_B2 = tl.constexpr(L.H_B2)
+_H_OMB2 = tl.constexpr(L.H_OMB2)
+_H_LNB1 = tl.constexpr(L.H_LNB1)
+_H_LNB2 = tl.constexpr(L.H_LNB2)
+_H_RB = tl.constexpr(L.H_RB)
+_H_OMRB = tl.constexpr(L.H_OMRB)
+_NOUT = tl.constexpr(len(_G.OUT_COLS))
+_O_ALPHA = tl.constexpr(_G.O_ALPHA)
+_O_BETA = tl.constexpr(_G.O_BETA)
+_O_NU = tl.constexpr(_G.O_NU)
+_O_SKIP = tl.constexpr(_G.O_SKIP)
+
+#: below this |x|, expm1(x) uses its Taylor series (8 terms: truncation < 1e-9 relative)
+_EXPM1_SERIES = tl.constexpr(0.35)
+
+
+@triton.jit
+def _to_bf16(x):
+    """float32 -> bfloat16, round to nearest even (NaN stays NaN), by integer arithmetic.
+
+    Used instead of ``x.to(tl.bfloat16)`` because Triton's interpreter truncates in that cast
+    (the compiled cast rounds to nearest even); this gives the same bits in both.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    hi = tl.where(x != x, 0x7FC0, rounded)
+    return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _store_as(addr, offs, x, mask, code, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Store float32 ``x`` at ``addr[offs]`` (an int64 address) in the tensor's element type."""
+    if DT == 0:
+        tl.store(_ptr(addr, tl.float32, ALIGNED) + offs, x, mask=mask)
+    elif DT == 1:
+        tl.store(_ptr(addr, tl.bfloat16, ALIGNED) + offs, _to_bf16(x), mask=mask)
+    elif DT == 2:
+        tl.store(_ptr(addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
+    else:
+        if code == 0:
+            tl.store(_ptr(addr, tl.float32, ALIGNED) + offs, x, mask=mask)
+        elif code == 1:
+            tl.store(_ptr(addr, tl.bfloat16, ALIGNED) + offs, _to_bf16(x), mask=mask)
+        else:
+            tl.store(_ptr(addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
+
+
+@triton.jit
+def _one_minus_pow(ln_b, t):
+    """``1 - b^t = -expm1(t·ln b)`` in fp32 without the cancellation of ``1 - exp(...)`` for b
+    near 1 (β2 = 0.999: ``1 - β2`` would lose 4 digits); ``ln b = -inf`` (b = 0) gives 1."""
+    x = t * ln_b
+    series = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (
+        1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320))))))))
+    em1 = tl.where(tl.abs(x) < _EXPM1_SERIES, series, tl.exp(x) - 1.0)
+    return -em1
+
+
+@triton.jit
+def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, mask, code, read_r, is_ema, is_m,
+                 alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb,
+                 DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """DESIGN §1 D on one block: u = α·g + β·r, the ema update, m, v, p (fp32 registers)."""
+    g = _load_f32(g_addr, offs, mask, code, DT, ALIGNED)
+    m = _load_f32(m_addr, offs, mask, code, DT, ALIGNED)
+    v = _load_f32(v_addr, offs, mask, code, DT, ALIGNED)
+    p = _load_f32(p_addr, offs, mask, code, DT, ALIGNED)
+    r = _load_f32(r_addr, offs, mask & read_r, code, DT, ALIGNED)
+    r = tl.where(is_m, m, r)                   # momentum reference: exp_avg before the step
+    u = alpha * g + beta * r
+    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT, ALIGNED)
+    m = b1 * m + omb1 * u
+    v = b2 * v + omb2 * (u * u)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p * decay - step_size * tl.div_rn(m, denom)
+    _store_as(p_addr, offs, p, mask, code, DT, ALIGNED)
+    _store_as(m_addr, offs, m, mask, code, DT, ALIGNED)
+    _store_as(v_addr, offs, v, mask, code, DT, ALIGNED)
+
+
+@triton.jit
+def _apply_kernel(
+    meta_ptr,       # int64 [P, META_COLS]: per-tensor addresses, sizes and flags (layout.py)
+    chunks_ptr,     # int64 [C, 2]: (tensor row, first element) of each chunk = program
+    hyper_ptr,      # float32 [NG, HYP_COLS]: per-group lr, 1-lr·wd, eps, betas, ln betas, ref_beta
+    out_ptr,        # float32 [S, len(OUT_COLS)]: finalize output (α, β, ν per segment; skip)
+    steps_ptr,      # float32 [P]: step counts before this step (written by the stats launch)
+    CHUNK: tl.constexpr,    # elements per chunk (a multiple of BLOCK)
+    BLOCK: tl.constexpr,    # elements per inner iteration
+    DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS)
+    ALIGNED: tl.constexpr,  # every address is 16-byte aligned (lets loads/stores vectorise)
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks_ptr + pid * 2)
+    start = tl.load(chunks_ptr + pid * 2 + 1)
+    mrow = meta_ptr + row * _MC
+    g_addr = tl.load(mrow + _G_)
+    r_addr = tl.load(mrow + _R_)
+    p_addr = tl.load(mrow + _P_)
+    m_addr = tl.load(mrow + _M_)
+    v_addr = tl.load(mrow + _V_)
+    numel = tl.load(mrow + _NUMEL)
+    seg = tl.load(mrow + _SEG)
+    grp = tl.load(mrow + _GROUP)
+    flags = tl.load(mrow + _FLAGS)
+    code = flags & 3
+    rkind = (flags >> 2) & 3
+    read_r = (rkind == _R_READ) | (rkind == _R_EMA)
+    is_ema = rkind == _R_EMA
+    is_m = rkind == _R_IS_M
+
+    live = tl.load(out_ptr + _O_SKIP) == 0  # row 0's skip flag (the same in every row)
+    alpha = tl.load(out_ptr + seg * _NOUT + _O_ALPHA)
+    beta = tl.load(out_ptr + seg * _NOUT + _O_BETA)
+    h = hyper_ptr + grp * _HC
+    lr = tl.load(h + _H_LR)
+    decay = tl.load(h + _H_DECAY)      # 1 - lr·weight_decay
+    eps = tl.load(h + _H_EPS)
+    b1 = tl.load(h + _H_B1)
+    omb1 = tl.load(h + _H_OMB1)        # 1 - β1
+    b2 = tl.load(h + _H_B2)
+    omb2 = tl.load(h + _H_OMB2)        # 1 - β2
+    lnb1 = tl.load(h + _H_LNB1)        # ln β1 (-inf for β1 = 0)
+    lnb2 = tl.load(h + _H_LNB2)
+    rb = tl.load(h + _H_RB)            # ref_beta
+    omrb = tl.load(h + _H_OMRB)        # 1 - ref_beta
+
+    t = tl.load(steps_ptr + row) + 1.0
+    step_size = tl.div_rn(lr, _one_minus_pow(lnb1, t))    # lr / (1 - β1^t)
+    bc2_sqrt = tl.sqrt_rn(_one_minus_pow(lnb2, t))        # √(1 - β2^t)
+
+    n_here = tl.where(live, tl.minimum(numel - start, CHUNK), 0)  # skipped step: no iteration
+    n_full = (n_here // BLOCK) * BLOCK
+    # full blocks without a bounds mask (a uniform mask lets loads vectorise), then the tail
+    full = tl.full([BLOCK], 1, tl.int1)
+    for k in range(0, n_full, BLOCK):
+        base = start + k
+        if ALIGNED:
+            base = tl.multiple_of(base, 16)
+        offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
+        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, full, code, read_r, is_ema, is_m,
+                     alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb, DT, ALIGNED)
+    if n_full < n_here:
+        offs = start + n_full + tl.arange(0, BLOCK)
+        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, offs < numel, code, read_r, is_ema,
+                     is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb, DT, False)
+
+    first = live & (start == 0)
+    step_addr = tl.load(mrow + _STEP)
+    tl.store(step_addr.to(tl.pointer_type(tl.float32)), t, mask=first & ((flags & _F_STEP) != 0))
+    nu_addr = tl.load(mrow + _NU)
+    nu_new = tl.load(out_ptr + seg * _NOUT + _O_NU)
+    tl.store(nu_addr.to(tl.pointer_type(tl.float32)), nu_new, mask=first & ((flags & _F_NU) != 0))
+
+
+def launch_apply(meta, chunks, hyper, out, steps_old, *, chunk: int, dt: int, aligned: bool) -> None:
+    """Launch 3 (SGGAdamW): the guided AdamW update of every tensor; one program per chunk."""
+    C = chunks.shape[0]
+    if C == 0:
+        return
+    count_launch("apply")
+    _apply_kernel[(C,)](meta, chunks, hyper, out, steps_old, CHUNK=chunk, BLOCK=BLOCK, DT=dt,
+                        ALIGNED=aligned, num_warps=NUM_WARPS)
+
+
+@triton.jit
+def _guide_block(g_addr, r_addr, offs, mask, code, read_r, is_ema, alpha, beta, rb, omrb, DT: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """g ← α·g + β·r in place; r ← ref_beta·r + (1-ref_beta)·g (raw g) for the ema reference."""
+    g = _load_f32(g_addr, offs, mask, code, DT, ALIGNED)
+    r = _load_f32(r_addr, offs, mask & read_r, code, DT, ALIGNED)
+    _store_as(g_addr, offs, alpha * g + beta * r, mask, code, DT, ALIGNED)
+    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT, ALIGNED)
+
+
+@triton.jit
+def _guide_kernel(
+    meta_ptr,       # int64 [P, META_COLS]: per-tensor addresses, sizes and flags (layout.py)
+    chunks_ptr,     # int64 [C, 2]: (tensor row, first element) of each chunk = program
+    hyper_ptr,      # float32 [NG, HYP_COLS]: per-group table (only ref_beta is read here)
+    out_ptr,        # float32 [S, len(OUT_COLS)]: finalize output (α, β, ν per segment; skip)
+    CHUNK: tl.constexpr,    # elements per chunk (a multiple of BLOCK)
+    BLOCK: tl.constexpr,    # elements per inner iteration
+    DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS)
+    ALIGNED: tl.constexpr,  # every address is 16-byte aligned (lets loads/stores vectorise)
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks_ptr + pid * 2)
+    start = tl.load(chunks_ptr + pid * 2 + 1)
+    mrow = meta_ptr + row * _MC
+    g_addr = tl.load(mrow + _G_)
+    r_addr = tl.load(mrow + _R_)
+    numel = tl.load(mrow + _NUMEL)
+    seg = tl.load(mrow + _SEG)
+    grp = tl.load(mrow + _GROUP)
+    flags = tl.load(mrow + _FLAGS)
+    code = flags & 3
+    rkind = (flags >> 2) & 3
+    read_r = (rkind == _R_READ) | (rkind == _R_EMA)
+    is_ema = rkind == _R_EMA
+
+    live = tl.load(out_ptr + _O_SKIP) == 0
+    alpha = tl.load(out_ptr + seg * _NOUT + _O_ALPHA)
+    beta = tl.load(out_ptr + seg * _NOUT + _O_BETA)
+    rb = tl.load(hyper_ptr + grp * _HC + _H_RB)
+    omrb = tl.load(hyper_ptr + grp * _HC + _H_OMRB)
+
+    n_here = tl.where(live, tl.minimum(numel - start, CHUNK), 0)
+    n_full = (n_here // BLOCK) * BLOCK
+    full = tl.full([BLOCK], 1, tl.int1)
+    for k in range(0, n_full, BLOCK):
+        base = start + k
+        if ALIGNED:
+            base = tl.multiple_of(base, 16)
+        offs = base + tl.arange(0, BLOCK)
+        _guide_block(g_addr, r_addr, offs, full, code, read_r, is_ema, alpha, beta, rb, omrb, DT, ALIGNED)
+    if n_full < n_here:
+        offs = start + n_full + tl.arange(0, BLOCK)
+        _guide_block(g_addr, r_addr, offs, offs < numel, code, read_r, is_ema, alpha, beta, rb, omrb, DT, False)
+
+    first = live & (start == 0)
+    nu_addr = tl.load(mrow + _NU)
+    nu_new = tl.load(out_ptr + seg * _NOUT + _O_NU)
+    tl.store(nu_addr.to(tl.pointer_type(tl.float32)), nu_new, mask=first & ((flags & _F_NU) != 0))
+
+
+def launch_guide(meta, chunks, hyper, out, *, chunk: int, dt: int, aligned: bool) -> None:
+    """Launch 3 (GradientGuidance): ``g ← α·g + β·r`` in place; one program per chunk."""
+    C = chunks.shape[0]
+    if C == 0:
+        return
+    count_launch("guide")
+    _guide_kernel[(C,)](meta, chunks, hyper, out, CHUNK=chunk, BLOCK=BLOCK, DT=dt, ALIGNED=aligned,
+                        num_warps=NUM_WARPS)

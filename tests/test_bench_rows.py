@@ -1,0 +1,54 @@
+"""The benchmark rows (benchmarks/rows.py) build the optimizers they are named after."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import workloads  # noqa: E402
+from benchmarks.eager_sgg import EagerSGGAdamW, sgg_adamw_group  # noqa: E402
+from benchmarks.rows import BYTES_PER_ELEMENT, SGG_KW, build_rows  # noqa: E402
+from conftest import cpu_backends  # noqa: E402
+from sgg_fast import SGGAdamW  # noqa: E402
+
+
+def test_rows_build_what_they_name_and_leave_the_groups_alone():
+    params = workloads.make_params("1M", torch.float32, "cpu")
+    groups = workloads.param_groups("1M", params)
+    before = [sorted(g) for g in groups]
+    rows, notes = build_rows(groups, compile=True)
+    assert [sorted(g) for g in groups] == before, "building rows wrote settings into the caller's groups"
+    names = [r.name for r in rows]
+    for b in cpu_backends():
+        if b != "triton":  # the interpreter is never timed
+            for ref in ("momentum", "ema"):
+                assert f"SGGAdamW[{b}] {ref}" in names
+    assert "AdamW(fused=True)" in names and "eager SGG ema" in names
+    for row in rows:
+        opt = row.create(groups)
+        if row.kind == "sgg":
+            assert isinstance(opt, SGGAdamW) and opt.backend in row.name
+        if row.kind in ("eager", "compiled"):
+            assert isinstance(opt, EagerSGGAdamW) and (opt._fn is not sgg_adamw_group) == (row.kind == "compiled")
+        if row.is_sgg:
+            for g in opt.param_groups:
+                assert g["reference"] == row.reference, (row.name, g["reference"])
+                assert all(g[k] == v for k, v in SGG_KW.items()) and min(
+                    g["lambda_dir"], g["lambda_mag"], g["lambda_align"]) > 0
+            assert row.bytes_per_element == BYTES_PER_ELEMENT[row.reference]
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert [sorted(g) for g in groups] == before
+
+
+def test_workload_shapes_are_llm_like():
+    shape = workloads.parse_size("16M")
+    shapes = shape.tensor_shapes()
+    assert 15e6 < shape.numel < 17e6
+    assert len(shapes) == 1 + 9 * shape.layers + 1  # embedding, 9 per layer, final norm
+    assert sum(1 for s, decay in shapes if not decay) == 2 * shape.layers + 1
+    ps = workloads.make_params("1M", torch.bfloat16, "cpu")
+    assert all(p.dtype == torch.bfloat16 and p.grad is not None and p.grad.abs().sum() > 0 for p in ps)
