@@ -751,6 +751,8 @@ def main(argv=None) -> int:
     results = args.results or (None if args.quick else bench / "RESULTS.md")
     log(f"fewshot: {'quick' if args.quick else 'full'} run, config {cfg.key()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, out {out}")
+    if args.quick and not args.report_only:  # a smoke run always trains (caches of data stay)
+        (out / "runs.jsonl").unlink(missing_ok=True)
     records, meta, all_records, complete = run_plan(cfg, out, 0.0 if args.report_only else args.time_budget)
     summary = summarize(records, cfg.methods, cfg.ks)
     png = (bench / "fewshot_accuracy.png") if results else (out / "fewshot_accuracy.png")
