@@ -180,6 +180,14 @@ class _GuidedMixin:
         self._last_out, self._last_labels = out, [s.label for s in plan.segments]
         return out
 
+    @staticmethod
+    def _closure_loss(closure: Callable[[], Any] | None):
+        """Evaluate ``step(closure)``'s closure with grad enabled (as torch.optim does)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def last_stats(self) -> dict[str, torch.Tensor]:
         """Per-segment statistics of the last step (DESIGN §1.6), device tensors of shape [S].
 
@@ -341,10 +349,7 @@ class SGGAdamW(_GuidedMixin, Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One SGG-AdamW step. ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         plan = self._prepare()
         if not plan.params:
             _distributed.idle_step(plan, self.process_group, self._owner)

@@ -132,10 +132,7 @@ class GradientGuidance(_GuidedMixin, Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         plan = self._prepare()
         if plan.params:
             out = self._run_guided(plan, "guide")
