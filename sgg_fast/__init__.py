@@ -22,8 +22,10 @@ class _SourceTreeKernels(importlib.abc.MetaPathFinder):
             name, os.path.join(self._dir, "__init__.py"), submodule_search_locations=[self._dir])
 
 
+# first in sys.meta_path: a checkout's own kernels win over another install's mapping (e.g. an
+# editable install of a different checkout of sgg_fast in the same environment)
 if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")):
-    sys.meta_path.append(_SourceTreeKernels())
+    sys.meta_path.insert(0, _SourceTreeKernels())
 
 from .backends import available_backends  # noqa: E402
 from .optimizer import SGGAdamW  # noqa: E402
