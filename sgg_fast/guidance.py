@@ -75,7 +75,7 @@ GUIDANCE_KEYS = ("lambda_dir", "lambda_mag", "lambda_align", "mag_mode", "max_no
                  "mag_ratio", "mag_beta")
 
 
-def hyper_row(group: dict) -> list[float]:
+def hyper_row(group: dict, rewrite_grad: bool = False) -> list[float]:
     """The :data:`HYPER_COLS` row of one segment, from a param_group-like dict."""
     return [
         float(group["lambda_dir"]),

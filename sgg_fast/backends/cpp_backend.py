@@ -20,7 +20,7 @@ import torch
 from .. import _ext
 from ..plan import REF_MOMENTUM, StepPlan
 from . import register
-from .base import Backend, Partials
+from .base import Backend, Partials, legacy_nu, store_legacy_nu
 
 #: Elements per statistics row on CPU. A chunk is one parallel task: 32 Ki fp32 elements of g and
 #: r (256 KiB) take ~10-30 µs to stream, so the per-task cost (~0.1 µs) is noise, a 16 M-element
@@ -69,6 +69,7 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 class _CompiledBackend(Backend):
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     device_skip = True
+    same_layout = True
     _device_type = ""
     _stats_chunk = CPU_STATS_CHUNK
 
@@ -181,9 +182,12 @@ class _CompiledBackend(Backend):
         sums = _ext.ops().sgg_segment_sum(partials.values, self._seg_offsets(plan, partials))
         return Partials(sums, list(range(len(partials.offsets))))
 
-    def finalize(self, plan: StepPlan, partials: Partials, hyper: torch.Tensor,
-                 nu: torch.Tensor) -> torch.Tensor:
-        return _ext.ops().sgg_finalize(partials.values, self._seg_offsets(plan, partials), hyper, nu)
+    def finalize(self, plan: StepPlan, partials: Partials) -> torch.Tensor:
+        dev = partials.values.device
+        out = _ext.ops().sgg_finalize(partials.values, self._seg_offsets(plan, partials),
+                                      plan.hyper(partials.values.dtype), legacy_nu(plan, dev))
+        store_legacy_nu(plan, out)
+        return out
 
     def _placeholder(self, plan: StepPlan) -> torch.Tensor:
         """The no-elements tensor standing for "no reference" in the ops' mutable refs list."""

@@ -30,7 +30,7 @@ import torch
 from .. import guidance as G
 from ..plan import REF_EMA, REFERENCES, StepPlan, describe
 from . import register
-from .base import Backend, Partials
+from .base import Backend, Partials, legacy_nu, store_legacy_nu
 
 _DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -101,7 +101,7 @@ class TritonBackend(Backend):
     auto_priority = {"cuda": 10}
     device_skip = True
     #: finalize reads plan.norm_emas and apply/guide write them back (the optimizer passes nu=None)
-    owns_norm_ema = True
+    same_layout = True
 
     @property
     def description(self) -> str:  # type: ignore[override]
@@ -153,20 +153,20 @@ class TritonBackend(Backend):
                 if t is None:
                     continue
                 if not t.is_contiguous():
-                    if add(f"triton needs contiguous tensors: the {what} of {plan.labels[i]} "
+                    if add(f"triton needs contiguous tensors: the {what} of {plan.label(i)} "
                            f"({describe(t)}) is not (call .contiguous() on it, or use backend='torch')"):
                         return out
                 elif t.dtype != plan.params[i].dtype or t.device != plan.params[i].device:
                     if add(f"triton needs every tensor of a parameter in its dtype and device: the {what} "
-                           f"of {plan.labels[i]} is {describe(t)}, the parameter "
+                           f"of {plan.label(i)} is {describe(t)}, the parameter "
                            f"{describe(plan.params[i])} (use backend='torch')"):
                         return out
-        for what, ts in (("step", plan.steps), ("norm_ema", plan.norm_emas)):
+        for what, ts in (("step", plan.steps),):
             for i, t in enumerate(ts):
                 if t is not None and (t.dtype != torch.float32 or t.numel() != 1
                                       or t.device != plan.params[i].device):
                     if add(f"triton keeps state[{what!r}] as a one-element float32 tensor on the "
-                           f"parameter's device; that of {plan.labels[i]} is {describe(t)}"):
+                           f"parameter's device; that of {plan.label(i)} is {describe(t)}"):
                         return out
         return out
 
@@ -214,15 +214,13 @@ class TritonBackend(Backend):
             f = _DT_CODE.get(p.dtype, -1) | (kind << 2)
             if seg_pp[s]:
                 f |= L.F_PP
-            if plan.norm_emas[i] is not None:
-                f |= L.F_NU
             if has_steps:
                 f |= L.F_STEP
             flags.append(f)
             numels.append(p.numel())
         if any(f & 3 == 3 for f in flags):
             raise RuntimeError("backend='triton' supports float32, bfloat16 and float16 parameters; "
-                               + ", ".join(f"{plan.labels[i]} is {plan.params[i].dtype}"
+                               + ", ".join(f"{plan.label(i)} is {plan.params[i].dtype}"
                                            for i, p in enumerate(plan.params) if p.dtype not in _DT_CODE))
 
         struct_key = (dev, chunk, tuple(numels), tuple(flags), tuple(plan.seg_of_param),
@@ -243,7 +241,7 @@ class TritonBackend(Backend):
         else:
             mp = vp = gp
         sp = [t.data_ptr() for t in plan.steps] if has_steps else [0] * P
-        np_ = [0 if t is None else t.data_ptr() for t in plan.norm_emas]
+        np_ = [0] * P
         ptrs = (gp, rp, pp, mp, vp, sp, np_)
         cols = (L.G, L.R, L.P, L.M, L.V, L.STEP, L.NU)
         changed = [k for k in range(len(ptrs)) if tab.ptrs is None or ptrs[k] != tab.ptrs[k]]
@@ -257,7 +255,7 @@ class TritonBackend(Backend):
             for i, g in enumerate(plan.grads):
                 if not g.is_contiguous():
                     raise RuntimeError(f"backend='triton' needs contiguous gradients: that of "
-                                       f"{plan.labels[i]} ({describe(g)}) is not (use backend='torch')")
+                                       f"{plan.label(i)} ({describe(g)}) is not (use backend='torch')")
         if changed:
             host = tab.meta_host
             for k in changed:
@@ -321,11 +319,10 @@ class TritonBackend(Backend):
 
     def _segs(self, plan: StepPlan, tab: _Tables, offsets: list[int], L) -> torch.Tensor:
         """Segment table for these partial offsets (chunk-level, or reduced: one row per segment)."""
-        nus = [plan.norm_emas[s.start] for s in plan.segments]
-        key = (tuple(offsets), tuple(0 if t is None else t.data_ptr() for t in nus))
+        key = (tuple(offsets), (0,) * plan.num_segments)
         segs = tab.segs.get(key)
         if segs is None:
-            rows = [[offsets[s], offsets[s + 1], key[1][s]] for s in range(len(nus))]
+            rows = [[offsets[s], offsets[s + 1], key[1][s]] for s in range(plan.num_segments)]
             segs = _upload(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), L.SEG_COLS), plan.home)
             if len(tab.segs) >= 4:
                 tab.segs.clear()
@@ -354,9 +351,8 @@ class TritonBackend(Backend):
             kstats.launch_finalize(partials.values, segs, red, red, red, red, nu_mode=0, reduce_only=True)
         return Partials(red, list(range(S + 1)))
 
-    def finalize(self, plan: StepPlan, partials: Partials, hyper: torch.Tensor,
-                 nu: torch.Tensor | None) -> torch.Tensor:
-        """α, β, ν, skip and the stats row; ``nu=None``: read norm_ema through its address."""
+    def finalize(self, plan: StepPlan, partials: Partials) -> torch.Tensor:
+        """α, β, ν, skip and the stats row (one program)."""
         kstats, _, L = _kernels()
         tab = self._tables(plan)
         S = plan.num_segments
@@ -365,15 +361,13 @@ class TritonBackend(Backend):
         values = partials.values
         if values.dtype != torch.float32 or not values.is_contiguous():
             values = values.to(torch.float32).contiguous()
-        hyper = hyper.to(device=dev, dtype=torch.float32).contiguous()
-        if nu is None:
-            nu_mode, nu_t = 2, values
-        else:
-            nu_mode, nu_t = 1, nu.to(device=dev, dtype=torch.float32).contiguous()
+        hyper = plan.hyper(torch.float32).to(device=dev).contiguous()
+        nu_t = legacy_nu(plan, dev).to(torch.float32).contiguous()
         red = torch.empty(S, 4, dtype=torch.float32, device=dev)
         out = torch.empty(S, len(G.OUT_COLS), dtype=torch.float32, device=dev)
         with _on(dev):
-            kstats.launch_finalize(values, segs, hyper, nu_t, red, out, nu_mode=nu_mode)
+            kstats.launch_finalize(values, segs, hyper, nu_t, red, out, nu_mode=1)
+        store_legacy_nu(plan, out)
         return out
 
     def apply(self, plan: StepPlan, out: torch.Tensor) -> None:
