@@ -4,7 +4,8 @@ A step is three op calls whatever the number of tensors (DESIGN §3):
 
 * ``sgg_stats``      per-chunk ``(gg, rr, gr, pp)`` of every tensor → :class:`Partials`;
 * ``sgg_finalize``   per-segment sums in a fixed order, then the math of ``guidance.finalize``
-  (mirrored operation by operation) → ``out [S, 13]`` with the global skip flag;
+  (mirrored operation by operation) → ``out [S, 14]`` with the global skip flag; reads and
+  writes each segment's ``(norm_ema, initialised)`` in ``plan.seg_nus`` in place;
 * ``sgg_adamw_apply`` / ``sgg_guide_apply``   one pass: ``u = α·g + β·r`` in registers, AdamW
   (or the in-place rewrite), step count and the ema reference. The skip flag is read from
   ``out`` inside the op (on the device for CUDA): no host sync.
@@ -181,9 +182,12 @@ class _CompiledBackend(Backend):
         sums = _ext.ops().sgg_segment_sum(partials.values, self._seg_offsets(plan, partials))
         return Partials(sums, list(range(len(partials.offsets))))
 
-    def finalize(self, plan: StepPlan, partials: Partials, hyper: torch.Tensor,
-                 nu: torch.Tensor) -> torch.Tensor:
-        return _ext.ops().sgg_finalize(partials.values, self._seg_offsets(plan, partials), hyper, nu)
+    def finalize(self, plan: StepPlan, partials: Partials) -> torch.Tensor:
+        """One op: segment sums, guidance.finalize's math (finalize_row in csrc/sgg_common.h),
+        and each relative segment's new (ν, initialised) written into ``plan.seg_nus`` in place
+        unless the step is skipped."""
+        return _ext.ops().sgg_finalize(partials.values, self._seg_offsets(plan, partials), plan.hyper(),
+                                       plan.seg_nus)
 
     def _placeholder(self, plan: StepPlan) -> torch.Tensor:
         """The no-elements tensor standing for "no reference" in the ops' mutable refs list."""

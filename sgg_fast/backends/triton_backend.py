@@ -3,8 +3,9 @@
 One step is three kernel launches whatever the number of tensors (DESIGN §3): statistics (one
 multi-tensor launch, per-chunk partials), finalize (one program: fixed-order segment sums, α, β,
 skip, ν and the stats row) and apply (one multi-tensor launch: guided AdamW, or the in-place
-``g ← α·g + β·r`` of GradientGuidance). ``norm_ema`` is read by finalize and written by apply
-through its address (``owns_norm_ema``), so relative mode adds no launch either.
+``g ← α·g + β·r`` of GradientGuidance). Each segment's ``(norm_ema, initialised)`` (a float32 [2]
+tensor, ``plan.seg_nus``) is read and written back by finalize through its address, so relative
+mode adds no launch either.
 
 Host work per step is O(number of tensors): the addresses of every tensor are collected and
 compared with the cached tables (``plan.cache["triton"]``); only when they changed (e.g. new
@@ -100,8 +101,6 @@ class TritonBackend(Backend):
     # preferred on CUDA; never picked by "auto" for CPU tensors (the interpreter is for tests)
     auto_priority = {"cuda": 10}
     device_skip = True
-    #: finalize reads plan.norm_emas and apply/guide write them back (the optimizer passes nu=None)
-    owns_norm_ema = True
 
     @property
     def description(self) -> str:  # type: ignore[override]
@@ -161,13 +160,17 @@ class TritonBackend(Backend):
                            f"of {plan.labels[i]} is {describe(t)}, the parameter "
                            f"{describe(plan.params[i])} (use backend='torch')"):
                         return out
-        for what, ts in (("step", plan.steps), ("norm_ema", plan.norm_emas)):
-            for i, t in enumerate(ts):
-                if t is not None and (t.dtype != torch.float32 or t.numel() != 1
-                                      or t.device != plan.params[i].device):
-                    if add(f"triton keeps state[{what!r}] as a one-element float32 tensor on the "
-                           f"parameter's device; that of {plan.labels[i]} is {describe(t)}"):
-                        return out
+        for i, t in enumerate(plan.steps):
+            if t is not None and (t.dtype != torch.float32 or t.numel() != 1
+                                  or t.device != plan.params[i].device):
+                if add(f"triton keeps state['step'] as a one-element float32 tensor on the "
+                       f"parameter's device; that of {plan.labels[i]} is {describe(t)}"):
+                    return out
+        for s, t in enumerate(getattr(plan, "seg_nus", ())):  # TODO(mirrors): plain plan.seg_nus after the engine merge
+            if t.dtype != torch.float32 or t.numel() != 2 or not t.is_contiguous() or t.device != plan.home:
+                if add(f"triton keeps each segment's (norm_ema, initialised) as a contiguous float32 [2] "
+                       f"tensor on {plan.home}; that of segment {plan.segments[s].label} is {describe(t)}"):
+                    return out
         return out
 
     # -- tables ------------------------------------------------------------------------------
@@ -214,8 +217,6 @@ class TritonBackend(Backend):
             f = _DT_CODE.get(p.dtype, -1) | (kind << 2)
             if seg_pp[s]:
                 f |= L.F_PP
-            if plan.norm_emas[i] is not None:
-                f |= L.F_NU
             if has_steps:
                 f |= L.F_STEP
             flags.append(f)
@@ -243,9 +244,8 @@ class TritonBackend(Backend):
         else:
             mp = vp = gp
         sp = [t.data_ptr() for t in plan.steps] if has_steps else [0] * P
-        np_ = [0 if t is None else t.data_ptr() for t in plan.norm_emas]
-        ptrs = (gp, rp, pp, mp, vp, sp, np_)
-        cols = (L.G, L.R, L.P, L.M, L.V, L.STEP, L.NU)
+        ptrs = (gp, rp, pp, mp, vp, sp)
+        cols = (L.G, L.R, L.P, L.M, L.V, L.STEP)
         changed = [k for k in range(len(ptrs)) if tab.ptrs is None or ptrs[k] != tab.ptrs[k]]
         # gradients must match their parameter's shape, dtype and device (build_plan checks it):
         # only their layout is left to check; anything else that moved gets the full check
@@ -320,9 +320,10 @@ class TritonBackend(Backend):
         return row
 
     def _segs(self, plan: StepPlan, tab: _Tables, offsets: list[int], L) -> torch.Tensor:
-        """Segment table for these partial offsets (chunk-level, or reduced: one row per segment)."""
-        nus = [plan.norm_emas[s.start] for s in plan.segments]
-        key = (tuple(offsets), tuple(0 if t is None else t.data_ptr() for t in nus))
+        """Segment table for these partial offsets (chunk-level, or reduced: one row per segment),
+        with the address of each segment's (norm_ema, initialised) tensor."""
+        nus = plan.seg_nus
+        key = (tuple(offsets), tuple(t.data_ptr() for t in nus))
         segs = tab.segs.get(key)
         if segs is None:
             rows = [[offsets[s], offsets[s + 1], key[1][s]] for s in range(len(nus))]
@@ -354,9 +355,10 @@ class TritonBackend(Backend):
             kstats.launch_finalize(partials.values, segs, red, red, red, red, nu_mode=0, reduce_only=True)
         return Partials(red, list(range(S + 1)))
 
-    def finalize(self, plan: StepPlan, partials: Partials, hyper: torch.Tensor,
-                 nu: torch.Tensor | None) -> torch.Tensor:
-        """α, β, ν, skip and the stats row; ``nu=None``: read norm_ema through its address."""
+    def finalize(self, plan: StepPlan, partials: Partials) -> torch.Tensor:
+        """α, β, skip and the stats row (guidance.OUT_COLS) in one launch, which reads each
+        segment's (ν, initialised) from ``plan.seg_nus`` and writes the new values back there
+        (relative segments, unless the step is skipped)."""
         kstats, _, L = _kernels()
         tab = self._tables(plan)
         S = plan.num_segments
@@ -365,15 +367,13 @@ class TritonBackend(Backend):
         values = partials.values
         if values.dtype != torch.float32 or not values.is_contiguous():
             values = values.to(torch.float32).contiguous()
-        hyper = hyper.to(device=dev, dtype=torch.float32).contiguous()
-        if nu is None:
-            nu_mode, nu_t = 2, values
-        else:
-            nu_mode, nu_t = 1, nu.to(device=dev, dtype=torch.float32).contiguous()
+        hyper = plan.hyper()
+        if hyper.dtype != torch.float32 or hyper.device != dev or not hyper.is_contiguous():
+            hyper = hyper.to(device=dev, dtype=torch.float32).contiguous()
         red = torch.empty(S, 4, dtype=torch.float32, device=dev)
         out = torch.empty(S, len(G.OUT_COLS), dtype=torch.float32, device=dev)
         with _on(dev):
-            kstats.launch_finalize(values, segs, hyper, nu_t, red, out, nu_mode=nu_mode)
+            kstats.launch_finalize(values, segs, hyper, values, red, out, nu_mode=2)
         return out
 
     def apply(self, plan: StepPlan, out: torch.Tensor) -> None:
