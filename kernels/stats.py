@@ -416,18 +416,20 @@ def _finalize_kernel(
             tl.store(o + _O_SKIP, tl.where(skip, 1.0, 0.0) + tl.zeros([SB], dtype=tl.float32), mask=smask)
 
 
-def launch_finalize(partials, segs, hyper, nu, red, out, *, nu_mode: int, reduce_only: bool = False) -> None:
+def launch_finalize(partials, segs, hyper, nu, red, out, *, nu_mode: int, reduce_only: bool = False,
+                    max_seg_block: int = MAX_SEG_BLOCK) -> None:
     """Launch 2 (one program): segment sums into ``red`` [S, 4] and, unless ``reduce_only``,
     guidance.finalize's columns into ``out`` [S, len(OUT_COLS)].
 
     ``nu_mode`` 0: every (ν, initialised) is (0, 0); 1: read from ``nu`` [S, 2]; 2: read through
     the addresses in ``segs[:, S_NU]`` (each a float32 [2] tensor, ``plan.seg_nus``) and written
-    back there for relative segments unless the step is skipped."""
+    back there for relative segments unless the step is skipped. ``max_seg_block``: the most
+    segments per tile (a power of two; the tests use large tiles to keep the interpreter fast)."""
     S = segs.shape[0]
     if S == 0:
         return
     count_launch("reduce" if reduce_only else "finalize")
-    sb = min(MAX_SEG_BLOCK, triton.next_power_of_2(S))
+    sb = min(max_seg_block, triton.next_power_of_2(S))
     _finalize_kernel[(1,)](partials, segs, hyper, nu, red, out, S, _G.CANCEL_EPS * _EPS32, _G.BLEND_EPS * _EPS32,
                            SB=sb, KB=FINALIZE_TILE // sb, NU_MODE=nu_mode, REDUCE_ONLY=reduce_only,
                            num_warps=FINALIZE_WARPS, enable_fp_fusion=False)

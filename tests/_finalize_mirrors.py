@@ -43,18 +43,20 @@ def unavailable(name: str) -> str | None:
     return None
 
 
-def _run_triton_here(stats, hyper, nu):
+def _run_triton_here(stats, hyper, nu, max_seg_block=None):
     from sgg_fast.kernels import stats as kstats
+
+    kw = {} if max_seg_block is None else dict(max_seg_block=max_seg_block)
 
     S = stats.shape[0]
     nus = [nu[s].clone().contiguous() for s in range(S)]
     segs = torch.tensor([[s, s + 1, nus[s].data_ptr()] for s in range(S)], dtype=torch.int64).reshape(S, 3)
     red = torch.empty(S, 4)
     out = torch.empty(S, len(G.OUT_COLS))
-    kstats.launch_finalize(stats.contiguous(), segs, hyper.contiguous(), stats, red, out, nu_mode=2)
+    kstats.launch_finalize(stats.contiguous(), segs, hyper.contiguous(), stats, red, out, nu_mode=2, **kw)
     # the same through the [S, 2] input (nu_mode 1), which must give the same columns
     out1 = torch.empty_like(out)
-    kstats.launch_finalize(stats.contiguous(), segs, hyper.contiguous(), nu.contiguous(), red, out1, nu_mode=1)
+    kstats.launch_finalize(stats.contiguous(), segs, hyper.contiguous(), nu.contiguous(), red, out1, nu_mode=1, **kw)
     assert torch.equal(out.nan_to_num(7.0), out1.nan_to_num(7.0)), "triton nu_mode 1 and 2 disagree"
     return out, torch.stack(nus) if S else torch.zeros(0, 2)
 
@@ -63,17 +65,17 @@ _CHILD = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
 import _finalize_mirrors as M
-stats, hyper, nu = torch.load({inp!r})
-torch.save(M._run_triton_here(stats, hyper, nu), {outp!r})
+stats, hyper, nu, sb = torch.load({inp!r})
+torch.save(M._run_triton_here(stats, hyper, nu, sb), {outp!r})
 """
 
 
-def _run_triton(stats, hyper, nu):
+def _run_triton(stats, hyper, nu, max_seg_block=None):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return _run_triton_here(stats, hyper, nu)
+        return _run_triton_here(stats, hyper, nu, max_seg_block)
     with tempfile.TemporaryDirectory() as d:
         inp, outp = os.path.join(d, "in.pt"), os.path.join(d, "out.pt")
-        torch.save((stats, hyper, nu), inp)
+        torch.save((stats, hyper, nu, max_seg_block), inp)
         env = {**os.environ, "TRITON_INTERPRET": "1",
                "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
         code = _CHILD.format(tests=os.path.join(REPO, "tests"), inp=inp, outp=outp)
@@ -83,9 +85,10 @@ def _run_triton(stats, hyper, nu):
         return torch.load(outp)
 
 
-def run(name: str, stats: torch.Tensor, hyper: torch.Tensor, nu: torch.Tensor):
+def run(name: str, stats: torch.Tensor, hyper: torch.Tensor, nu: torch.Tensor, max_seg_block=None):
     """``(out, nu_after)`` of mirror ``name`` on float32 CPU inputs (stats [S,4], hyper [S,H],
-    nu [S,2])."""
+    nu [S,2]). ``max_seg_block``: the Triton kernel's tile of segments (default: the
+    launcher's); a large one makes the interpreter much faster on many segments."""
     stats, hyper, nu = (x.to(torch.float32).contiguous() for x in (stats, hyper, nu.reshape(-1, 2)))
     if name == "torch":
         out = G.finalize(stats, hyper, nu)
@@ -96,7 +99,7 @@ def run(name: str, stats: torch.Tensor, hyper: torch.Tensor, nu: torch.Tensor):
         out = torch.ops.sgg_fast.sgg_finalize(stats, torch.arange(S + 1, dtype=torch.int64), hyper, nus)
         return out, torch.stack(nus) if S else torch.zeros(0, 2)
     if name == "triton":
-        return _run_triton(stats, hyper, nu)
+        return _run_triton(stats, hyper, nu, max_seg_block)
     raise ValueError(name)
 
 
