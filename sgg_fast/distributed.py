@@ -235,7 +235,7 @@ def _localize(plan: StepPlan, i: int, DT, owner: str, seen: dict):
 
     ``seen``: per-step memo of the parameter layouts already checked."""
     p = plan.params[i]
-    label = plan.labels[i]
+    label = plan.label(i)
     mesh, pl = p.device_mesh, p.placements
     if not isinstance(pl, tuple):
         pl = tuple(pl)
@@ -346,10 +346,10 @@ class StatsSync:
 def _subplan(plan: StepPlan, idx: list[int], cache: dict) -> tuple[StepPlan, list[int]]:
     """A plan of the tensors ``idx`` (ascending), with segments renumbered; and each new segment's
     parent segment."""
-    sub = StepPlan(groups=plan.groups, cache=cache)
+    sub = StepPlan(groups=plan.groups, cache=cache, rewrite_grad=plan.rewrite_grad)
     parents: list[int] = []
-    names = ("params", "grads", "group_index", "labels", "exp_avgs", "exp_avg_sqs", "refs", "steps",
-             "norm_emas")
+    names = ("params", "grads", "group_index", "param_index", "exp_avgs", "exp_avg_sqs",
+             "max_exp_avg_sqs", "refs", "steps")
     for i in idx:
         s = plan.seg_of_param[i]
         if not parents or parents[-1] != s:
@@ -381,7 +381,7 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
     if process_group is None and not has_dt:
         return None
     if process_group is not None and has_dt:
-        first = plan.labels[dt_mask.index(True)]
+        first = plan.label(dt_mask.index(True))
         raise ValueError(
             f"{owner}: process_group= is for plain tensors sliced by hand, but {first} is a DTensor "
             "(FSDP2 / tensor parallel): its statistics are summed over the mesh dimensions it is "
@@ -409,7 +409,7 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
             dom["members"].append((i, frozenset({0})))
         else:
             if is_dtensor(plan.grads[i]):
-                raise RuntimeError(f"{owner}: the gradient of {plan.labels[i]} is a DTensor but the "
+                raise RuntimeError(f"{owner}: the gradient of {plan.label(i)} is a DTensor but the "
                                    "parameter is not; shard both the same way (e.g. fully_shard).")
             local_idx.append(i)
 

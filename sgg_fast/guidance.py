@@ -198,7 +198,8 @@ def finalize(stats: torch.Tensor, hyper: torch.Tensor, nu: torch.Tensor) -> torc
     Args:
         stats: ``[S, 4]`` per-segment sums ``(gg, rr, gr, pp)``.
         hyper: ``[S, 10]`` per-segment hyper-parameters (:data:`HYPER_COLS`).
-        nu: ``[S, 2]`` current ``(norm_ema, initialised)`` (:data:`NU_COLS`).
+        nu: ``[S, 2]`` current ``(norm_ema, initialised)`` (:data:`NU_COLS`); a ``[S]`` tensor of ν
+            alone is read with "initialised" = ``ν > 0``.
 
     Returns:
         ``[S, len(OUT_COLS)]`` in the dtype and on the device of ``stats``. Pure batched tensor
@@ -209,7 +210,9 @@ def finalize(stats: torch.Tensor, hyper: torch.Tensor, nu: torch.Tensor) -> torc
     dt = stats.dtype
     eps = torch.finfo(dt).eps
     hyper = hyper.to(dtype=dt)
-    nu = nu.to(dtype=dt).reshape(-1, 2)
+    nu = nu.to(dtype=dt)
+    if nu.dim() == 1:  # [S] ν alone: ν > 0 is taken as initialised
+        nu = torch.stack([nu, (nu > 0).to(dt)], dim=1)
     gg, rr, gr_raw, pp = stats.unbind(1)
     (l_dir, l_mag, l_align, mode, max_norm, ratio, mbeta,
      gr_sign, alpha_sign, beta_sign) = hyper.unbind(1)

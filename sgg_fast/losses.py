@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .optimizer import check_reference_shapes
+from .validation import check_reference_shapes
 
 
 def _check_weight(name: str, value: Any) -> float:

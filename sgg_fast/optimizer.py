@@ -2,186 +2,63 @@
 
 from __future__ import annotations
 
-import math
+import copy
 from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
 
-from . import backends as _backends
 from . import distributed as _distributed
 from . import guidance as G
-from .plan import (GRANULARITIES, MAG_MODES, NONFINITE, REF_EMA, REF_MOMENTUM, REF_SOURCE,
-                   REFERENCES, SEGMENT_KEYS, StepPlan, build_plan)
+from .engine import StepEngine
+from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, StepPlan, build_plan, describe
+from .validation import (GUIDANCE_DEFAULTS, check_reference_shapes, settings_key, validate_adamw,
+                         validate_global_groups, validate_guidance)
 
-GUIDANCE_DEFAULTS: dict[str, Any] = dict(
-    lambda_dir=0.2, lambda_mag=1.0, lambda_align=1.0,
-    mag_mode="relative", max_norm=1.0, mag_ratio=2.0, mag_beta=0.9,
-    reference="momentum", ref_beta=0.9, granularity="group", nonfinite="skip",
-)
+__all__ = ["SGGAdamW", "GUIDANCE_DEFAULTS", "GuidedOptimizerMixin", "nu_storage_tensor"]
 
-
-def _check_number(name: str, value: Any, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        return  # tensor hyper-parameters (e.g. lr for capturable schedules) are taken as given
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"Invalid {name}: {value!r} (expected a number)") from None
-    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"Invalid {name}: {value!r} (must be finite and in {rng})")
+#: state entries that are tensors shaped like their parameter
+PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ref")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r} (choose one of {', '.join(map(repr, choices))})")
+def nu_storage_tensor(device: torch.device) -> torch.Tensor:
+    """A segment's fresh running-norm storage: ``[ν, initialised] = [0, 0]``."""
+    return torch.zeros(2, dtype=torch.float32, device=device)
 
 
-def validate_guidance(group: dict) -> None:
-    """Check the guidance settings of a param_group-like dict; ``ValueError`` names the bad one."""
-    inf = float("inf")
-    for k in ("lambda_dir", "lambda_mag", "lambda_align"):
-        _check_number(k, group[k], 0.0, 1.0)
-    _check_choice("mag_mode", group["mag_mode"], MAG_MODES)
-    _check_number("max_norm", group["max_norm"], 0.0, inf, lo_open=True, hi_open=True)
-    _check_number("mag_ratio", group["mag_ratio"], 0.0, inf, lo_open=True, hi_open=True)
-    _check_number("mag_beta", group["mag_beta"], 0.0, 1.0, hi_open=True)
-    _check_choice("reference", group["reference"], REFERENCES)
-    _check_number("ref_beta", group["ref_beta"], 0.0, 1.0, hi_open=True)
-    _check_choice("granularity", group["granularity"], GRANULARITIES)
-    _check_choice("nonfinite", group["nonfinite"], NONFINITE)
+def _as_nu(value: Any, device: torch.device) -> torch.Tensor | None:
+    """A stored ν in the ``[ν, initialised]`` form on ``device`` (None: not a valid entry)."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 2 or not value.is_floating_point():
+        return None
+    return value.detach().reshape(2).to(device=device, dtype=torch.float32, copy=True)
 
 
-def validate_adamw(group: dict) -> None:
-    inf = float("inf")
-    _check_number("lr", group["lr"], 0.0, inf, hi_open=True)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-    _check_number("beta parameter at index 0", betas[0], 0.0, 1.0, hi_open=True)
-    _check_number("beta parameter at index 1", betas[1], 0.0, 1.0, hi_open=True)
-    _check_number("eps", group["eps"], 0.0, inf, hi_open=True)
-    _check_number("weight_decay", group["weight_decay"], 0.0, inf, hi_open=True)
+def _is_nu(value: Any, device: torch.device) -> bool:
+    return (isinstance(value, torch.Tensor) and value.shape == (2,) and value.dtype == torch.float32
+            and value.device == device)
 
 
-def check_reference_shapes(params: list[torch.Tensor], refs: Any, owner: str) -> dict[torch.Tensor, torch.Tensor | None]:
-    """Turn ``set_reference``'s list or dict into {param: tensor or None}, checking shapes."""
-    ids = {id(p): i for i, p in enumerate(params)}
-    if isinstance(refs, dict):
-        items = []
-        for key, value in refs.items():
-            if not isinstance(key, torch.Tensor) or id(key) not in ids:
-                raise ValueError(f"{owner}.set_reference: a key of the dict is not a parameter of this "
-                                 "optimizer; key the dict by the parameter tensors themselves")
-            items.append((ids[id(key)], key, value))
-    else:
-        refs = list(refs)
-        if len(refs) != len(params):
-            raise ValueError(f"{owner}.set_reference: got {len(refs)} references for {len(params)} "
-                             "parameters; pass one per parameter, in param_groups order (None for none)")
-        items = [(i, p, r) for i, (p, r) in enumerate(zip(params, refs))]
-    out = {}
-    for i, p, r in items:
-        if r is not None:
-            if not isinstance(r, torch.Tensor):
-                raise ValueError(f"{owner}.set_reference: reference #{i} is a {type(r).__name__}, not a tensor")
-            if r.shape != p.shape:
-                raise ValueError(f"{owner}.set_reference: reference #{i} has shape {tuple(r.shape)} but its "
-                                 f"parameter has shape {tuple(p.shape)}")
-            if torch.is_complex(r) or r.is_sparse:
-                raise ValueError(f"{owner}.set_reference: reference #{i} must be a dense real tensor")
-        out[p] = r
-    return out
-
-
-class _GuidedMixin:
-    """What SGGAdamW and GradientGuidance share: planning, backend choice, the guided stages."""
+class GuidedOptimizerMixin:
+    """What SGGAdamW and GradientGuidance share: the engine, settings checks, statistics."""
 
     _owner = "SGGAdamW"
+    _engine: StepEngine
 
-    def _init_guided(self, backend: str, process_group=None) -> None:
-        if backend != "auto":
-            _backends.get_backend(backend)  # ValueError for an unknown name
-        self.backend = backend
-        self.process_group = _distributed.check_process_group(process_group, self._owner)
-        self._cache: dict[str, Any] = {}
-        self._last_out: torch.Tensor | None = None
-        self._last_labels: list[str] = []   # labels only: the plan would keep last step's grads alive
-        self._backend_key = None
-        self._backend_obj = None
-
-    def _guide_groups(self) -> list[dict]:
-        return self.param_groups
-
-    def _resolve(self, plan: StepPlan):
-        import os
-
-        key = (self.backend, os.environ.get(_backends.ENV_VAR), tuple(plan.devices), tuple(plan.dtypes))
-        if key != self._backend_key:
-            self._backend_obj = _backends.resolve(self.backend, plan)
-            self._backend_key = key
-        return self._backend_obj
-
-    def _check_finite(self, plan: StepPlan, out: torch.Tensor) -> None:
-        """``nonfinite="raise"``: FloatingPointError naming the first bad segment (syncs)."""
-        if not plan.needs("nonfinite", "raise"):
+    def _check_settings(self, groups: list[dict]) -> None:
+        """Re-validate the groups whose settings changed since they were last checked (edits of
+        ``param_groups`` after construction), with the constructor's errors."""
+        keys = [settings_key(g) for g in groups]
+        if keys == getattr(self, "_settings_keys", None):
             return
-        bad = out[:, G.O_BAD].tolist()
-        for seg, b in zip(plan.segments, bad):
-            if b:
-                raise FloatingPointError(
-                    f"{self._owner}: non-finite gradient statistics in {seg.label} "
-                    f"(tensors {plan.labels[seg.start]} … {plan.labels[seg.stop - 1]}); the step was "
-                    "not applied. Find where the inf/NaN comes from (lower the lr, use a GradScaler "
-                    "for fp16), or pass nonfinite='skip' to skip such steps.")
+        for g in groups:
+            self._validate_group(g)
+        validate_global_groups(groups, self._owner)
+        self._settings_keys = keys
 
-    def _gather_nu(self, plan: StepPlan) -> torch.Tensor:
-        """``[S]`` norm_ema of each segment: that of its first tensor (0 where unused)."""
-        S = plan.num_segments
-        if not plan.needs("mag_mode", "relative"):
-            return torch.zeros(S, device=plan.home)
-        vals = [plan.norm_emas[s.start] if plan.norm_emas[s.start] is not None
-                else torch.zeros((), device=s.device) for s in plan.segments]
-        return torch.stack([v.to(plan.home) for v in vals])
+    def _validate_group(self, group: dict) -> None:
+        validate_guidance(group)
 
-    def _scatter_nu(self, plan: StepPlan, out: torch.Tensor) -> None:
-        idx = [i for i, t in enumerate(plan.norm_emas) if t is not None]
-        if not idx:
-            return
-        nu = out[:, G.O_NU]
-        by_dev: dict[torch.device, list[int]] = {}
-        for i in idx:
-            by_dev.setdefault(plan.norm_emas[i].device, []).append(i)
-        for dev, ii in by_dev.items():
-            segs = tuple(plan.seg_of_param[i] for i in ii)
-            # cached across steps: building a device index every step would be a blocking copy
-            seg = plan._cached(f"nu_index:{dev}", (segs, plan.home),
-                               lambda: torch.tensor(segs, device=plan.home))
-            vals = nu[seg].to(dev)
-            torch._foreach_copy_([plan.norm_emas[i] for i in ii], list(vals.unbind()))
-
-    def _run_guided(self, plan: StepPlan, stage: str) -> torch.Tensor:
-        """Statistics → (all-reduce across ranks) → finalize → ``stage`` ("apply" or "guide");
-        returns the finalize output. DTensors in the plan are replaced by their local shards."""
-        sync = _distributed.prepare(plan, self.process_group, self._owner)
-        backend = self._resolve(plan)
-        owns_nu = getattr(backend, "owns_norm_ema", False)  # reads/writes norm_ema itself
-        partials = backend.stats(plan) if sync is None else sync.stats(plan, backend)
-        nu = None if owns_nu else self._gather_nu(plan)
-        out = backend.finalize(plan, partials, plan.hyper(partials.values.dtype), nu)
-        self._check_finite(plan, out)
-        getattr(backend, stage)(plan, out)
-        if not owns_nu:
-            self._scatter_nu(plan, out)
-        self._last_out, self._last_labels = out, [s.label for s in plan.segments]
-        return out
-
-    @staticmethod
-    def _closure_loss(closure: Callable[[], Any] | None):
+    def _closure_loss(self, closure: Callable[[], Any] | None):
         """Evaluate ``step(closure)``'s closure with grad enabled (as torch.optim does)."""
         if closure is None:
             return None
@@ -194,14 +71,31 @@ class _GuidedMixin:
         Keys: grad_norm, ref_norm, cos, conflict, guided_norm, mag_scale, dir_penalty,
         mag_penalty, skipped. No host sync. Empty before the first step.
         """
-        return {} if self._last_out is None else G.stats_dict(self._last_out)
+        return self._engine.stats_dict()
 
     def segment_labels(self) -> list[str]:
         """What each row of ``last_stats()`` refers to (e.g. "param_groups[0]")."""
-        return list(self._last_labels)
+        return list(self._engine.last_labels)
+
+    def skipped_steps(self) -> torch.Tensor:
+        """How many steps were skipped for non-finite gradients (``nonfinite="skip"``), as an
+        int64 tensor; kept on the device without a sync (reading its value syncs)."""
+        return self._engine.skipped_steps()
+
+    @property
+    def backend(self) -> str:
+        return self._engine.backend
+
+    @property
+    def process_group(self):
+        return self._engine.process_group
+
+    @property
+    def _last_out(self) -> torch.Tensor | None:
+        return self._engine.last_out
 
 
-class SGGAdamW(_GuidedMixin, Optimizer):
+class SGGAdamW(GuidedOptimizerMixin, Optimizer):
     r"""AdamW with Structured Gradient Guidance (SGG, arXiv 2506.00726), fused.
 
     Parameters are split into segments (``granularity``: one per param_group, per tensor, or
@@ -212,7 +106,7 @@ class SGGAdamW(_GuidedMixin, Optimizer):
         c &= -\lambda_3\,gr/rr \ \text{ if } rr>0,\ gr<0 \text{ else } 0, \qquad g_1 = g + c\,r \\
         g_2 &= n_1\,\frac{w}{\lVert w\rVert},\quad w = (1-\lambda_1)\frac{g_1}{n_1} + \lambda_1\frac{r}{n_r}
               \quad(\text{else } g_2 = g_1) \\
-        s &= 1 - \lambda_2\,(1 - \tau/n_2) \ \text{ if } n_2 > \tau \text{ else } 1, \qquad u = s\,g_2
+        s &= (1 - \lambda_2) + \lambda_2\,\tau/n_2 \ \text{ if } n_2 > \tau \text{ else } 1, \qquad u = s\,g_2
              = \alpha\,g + \beta\,r \\
         m &\leftarrow \beta_1 m + (1-\beta_1)u,\quad v \leftarrow \beta_2 v + (1-\beta_2)u^2 \\
         p &\leftarrow p\,(1-\eta\,wd) - \frac{\eta}{1-\beta_1^t}\,\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t}+\epsilon}
@@ -228,10 +122,20 @@ class SGGAdamW(_GuidedMixin, Optimizer):
     (``nonfinite="skip"``, decided on the device by fused backends) or raise
     ``FloatingPointError`` (``"raise"``).
 
+    The full contract (math, numerics, API) is ``docs/DESIGN.md`` in the repository.
+
     Args:
         params: iterable of parameters or param_group dicts; every argument below except
-            ``backend`` may be set per group.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay).
+            ``backend``, ``fused`` and ``process_group`` may be set per group.
+        lr, betas, eps, weight_decay, amsgrad, maximize: exactly as ``torch.optim.AdamW``
+            (same defaults; decoupled weight decay; ``amsgrad`` keeps ``max_exp_avg_sq``). With
+            ``maximize`` the guidance acts on ``-grad``; references set with
+            :meth:`set_reference` and the ``"ema"`` reference are kept in ``.grad``'s sign.
+        foreach, capturable: accepted for compatibility (every backend is multi-tensor; the
+            fused backends never sync the host).
+        differentiable: ``True`` raises ``NotImplementedError``.
+        fused: ``True`` asks for a fused backend (``RuntimeError`` with the reasons when none
+            can serve a step); ``None``/``False``: ``backend`` decides.
         lambda_dir (λ1), lambda_mag (λ2), lambda_align (λ3): guidance strengths in [0, 1].
         mag_mode: ``"absolute" | "relative" | "param"``; max_norm, mag_ratio, mag_beta: its τ.
         reference: ``"momentum" | "ema" | "source"``; ref_beta: the EMA's decay.
@@ -245,44 +149,62 @@ class SGGAdamW(_GuidedMixin, Optimizer):
             FSDP2 / DTensor parameters (summed over their mesh automatically); see
             :mod:`sgg_fast.distributed`.
 
-    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (torch's names, so a
-    ``torch.optim.AdamW`` state dict loads both ways), ``ref`` (ema/source) and ``norm_ema``
-    (relative mode; 0 means "not initialised").
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq``
+    (torch's names, so a ``torch.optim.AdamW`` state dict loads both ways) and ``ref``
+    (ema/source). The running norm ν of ``mag_mode="relative"`` is one value per segment,
+    a float32 tensor ``[ν, initialised]``: in ``param_groups[i]["norm_ema"]`` for
+    ``granularity="group"``, in the first global group's ``"norm_ema"`` for ``"global"``, and
+    in ``state[p]["norm_ema"]`` for ``"tensor"``; it does not depend on the order of the
+    parameters nor on which of them have a gradient, and it is saved by :meth:`state_dict`.
     """
+
 
     _owner = "SGGAdamW"
 
-    def __init__(self, params: Iterable, lr: float = 2e-5, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01,
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
                  lambda_dir: float = 0.2, lambda_mag: float = 1.0, lambda_align: float = 1.0,
                  mag_mode: str = "relative", max_norm: float = 1.0, mag_ratio: float = 2.0,
                  mag_beta: float = 0.9, reference: str = "momentum", ref_beta: float = 0.9,
                  granularity: str = "group", nonfinite: str = "skip", backend: str = "auto",
                  process_group=None):
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if differentiable:
+            raise NotImplementedError(
+                "SGGAdamW does not support differentiable=True (its fused steps are not "
+                "differentiable); use torch.optim.AdamW(differentiable=True), or "
+                "sgg_fast.losses.guidance_penalty for a differentiable form of the guidance.")
+        if fused and backend == "torch":
+            raise ValueError("SGGAdamW(fused=True) asks for a fused backend but backend='torch' is "
+                             "not one; drop fused=True or use backend='auto'")
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, lambda_dir=lambda_dir, lambda_mag=lambda_mag,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable,
+                        fused=fused, lambda_dir=lambda_dir, lambda_mag=lambda_mag,
                         lambda_align=lambda_align, mag_mode=mag_mode, max_norm=max_norm,
                         mag_ratio=mag_ratio, mag_beta=mag_beta, reference=reference,
                         ref_beta=ref_beta, granularity=granularity, nonfinite=nonfinite)
-        validate_adamw(defaults)
-        validate_guidance(defaults)
-        self._init_guided(backend, process_group)
+        self._validate_group(defaults)
+        self._engine = StepEngine(self._owner, backend, process_group, fused=bool(fused))
         super().__init__(params, defaults)
+        validate_global_groups(self.param_groups, self._owner)
+
+    def _validate_group(self, group: dict) -> None:
+        validate_adamw(group)
+        validate_guidance(group)
 
     # -- param_groups ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         full = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        validate_adamw(full)
-        validate_guidance(full)
-        if full["granularity"] == "global":
-            for i, g in enumerate(self.param_groups):
-                if g["granularity"] == "global":
-                    diff = [k for k in SEGMENT_KEYS if g[k] != full[k]]
-                    if diff:
-                        raise ValueError(
-                            f"SGGAdamW: the new param_group and param_groups[{i}] both use "
-                            f"granularity='global' but differ in {diff}; one global segment has "
-                            "one setting. Make them equal or use granularity='group'.")
+        if isinstance(full.get("betas"), list):
+            full["betas"] = tuple(full["betas"])
+        self._validate_group(full)
+        others = getattr(self, "param_groups", [])
+        validate_global_groups(list(others) + [full], self._owner)
         super().add_param_group(param_group)
 
     def _all_params(self) -> list[torch.Tensor]:
@@ -294,105 +216,232 @@ class SGGAdamW(_GuidedMixin, Optimizer):
 
         ``refs``: a list with one tensor (or None: zero reference) per parameter, in
         param_groups order, or a dict ``{param: tensor}``. Copied into ``state[p]["ref"]``
-        (the parameter's dtype and device). See :func:`sgg_fast.source_gradients`.
+        (the parameter's dtype, device and layout). All entries are checked (shape, finite)
+        before any is written. See :func:`sgg_fast.source_gradients`.
         """
-        checked = check_reference_shapes(self._all_params(), refs, "SGGAdamW")
-        for p, r in checked.items():
-            st = self.state[p]
-            if r is None:
-                st["ref"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            else:
-                st["ref"] = _distributed.like_param(r, p)
+        checked = check_reference_shapes(self._all_params(), refs, self._owner)
+        new = {p: (torch.zeros_like(p, memory_format=torch.preserve_format) if r is None
+                   else _distributed.like_param(r, p)) for p, r in checked.items()}
+        for p, r in new.items():
+            self.state[p]["ref"] = r
 
     # -- the step ----------------------------------------------------------------------------
-    def _prepare(self) -> StepPlan:
-        """Plan the step, check every input, then create missing state. Mutates nothing before
-        every check has passed."""
-        plan = build_plan(self.param_groups, "SGGAdamW", self._cache)
-        for g in self.param_groups:
-            if g.get("amsgrad") or g.get("maximize"):
-                raise ValueError("SGGAdamW does not implement amsgrad or maximize (found in a loaded "
-                                 "param_group); set them to False")
+    def _check_state(self, plan: StepPlan) -> None:
+        """Every existing state entry fits its parameter; "source" references are set."""
         for i, p in enumerate(plan.params):
+            st = self.state.get(p)
             mode = plan.ref_mode(i)
-            st = self.state.get(p, {})
-            if mode == REF_SOURCE:
-                ref = st.get("ref")
-                if ref is None:
-                    raise RuntimeError(
-                        f"SGGAdamW: {plan.labels[i]} is in a reference='source' group but no reference "
-                        "was set; call opt.set_reference(...) before step() (see "
-                        "sgg_fast.source_gradients), with None for a zero reference.")
-            if mode != REF_MOMENTUM and "ref" in st and st["ref"].shape != p.shape:
+            if mode == REF_SOURCE and (not st or st.get("ref") is None):
                 raise RuntimeError(
-                    f"SGGAdamW: state['ref'] of {plan.labels[i]} has shape {tuple(st['ref'].shape)}, "
-                    f"its parameter {tuple(p.shape)}; call set_reference again with matching shapes.")
+                    f"{self._owner}: {plan.label(i)} is in a reference='source' group but no reference "
+                    "was set; call opt.set_reference(...) before step() (see "
+                    "sgg_fast.source_gradients), with None for a zero reference.")
+            if not st:
+                continue
+            for k in PARAM_SHAPED:
+                t = st.get(k)
+                if t is None:
+                    continue
+                if (not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype
+                        or t.device != p.device):
+                    what = describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise RuntimeError(
+                        f"{self._owner}: state[{k!r}] of {plan.label(i)} is {what}, its parameter "
+                        f"{describe(p)}. The optimizer state does not match this model (a checkpoint "
+                        "of another model or a corrupted one): load the state saved with this model, "
+                        f"or drop this parameter's state with `del opt.state[p]` to restart it.")
+            if "exp_avg" in st and ("step" not in st or "exp_avg_sq" not in st):
+                missing = "step" if "step" not in st else "exp_avg_sq"
+                raise RuntimeError(
+                    f"{self._owner}: the state of {plan.label(i)} has 'exp_avg' but no {missing!r}; "
+                    "the checkpoint is incomplete. Load a complete optimizer state, or drop this "
+                    "parameter's state with `del opt.state[p]` to restart it.")
+            step = st.get("step")
+            if step is not None and not (isinstance(step, torch.Tensor) and step.numel() == 1):
+                raise RuntimeError(f"{self._owner}: state['step'] of {plan.label(i)} must be a "
+                                   f"one-element tensor, got {step!r}")
+
+    def _init_group(self, plan: StepPlan) -> dict:
+        """Attach the state of every tensor (new entries are made but not yet stored: they are
+        committed after the step, and dropped when a CPU step is skipped)."""
+        pending: dict[torch.Tensor, dict] = {}
         for i, p in enumerate(plan.params):
-            st = self.state[p]
-            if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st = self.state.get(p)
+            group = plan.groups[plan.group_index[i]]
             mode = plan.ref_mode(i)
+            if not st or "step" not in st:
+                new = pending[p] = dict(st or {})
+                new["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                new["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                new["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st = new
+            if group["amsgrad"] and "max_exp_avg_sq" not in st:
+                st = pending.setdefault(p, dict(st))
+                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if mode == REF_EMA and "ref" not in st:
+                st = pending.setdefault(p, dict(st))
                 st["ref"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            seg_group = plan.segments[plan.seg_of_param[i]].group
-            if seg_group["mag_mode"] == "relative" and "norm_ema" not in st:
-                st["norm_ema"] = torch.zeros((), dtype=torch.float32, device=p.device)
             plan.steps.append(st["step"])
             plan.exp_avgs.append(st["exp_avg"])
             plan.exp_avg_sqs.append(st["exp_avg_sq"])
+            plan.max_exp_avg_sqs.append(st["max_exp_avg_sq"] if group["amsgrad"] else None)
             plan.refs.append(st["exp_avg"] if mode == REF_MOMENTUM else st["ref"])
-            plan.norm_emas.append(st.get("norm_ema") if seg_group["mag_mode"] == "relative" else None)
+        plan.seg_nus = [self._segment_nu(plan, s, pending) for s in range(plan.num_segments)]
+        return pending
+
+    def _segment_nu(self, plan: StepPlan, s: int, pending: dict) -> torch.Tensor:
+        """Segment ``s``'s ``[ν, initialised]`` storage (DESIGN §1 C; see the class docstring)."""
+        seg = plan.segments[s]
+        home = plan.home
+        if seg.group["mag_mode"] != "relative":
+            return self._engine.scratch_nu(s, home)
+        if seg.group["granularity"] == "tensor":
+            p = plan.params[seg.start]
+            st = pending.get(p) or self.state.get(p) or {}
+            nu = st.get("norm_ema")
+            if not _is_nu(nu, home):
+                nu = _as_nu(nu, home)
+                nu = nu if nu is not None else nu_storage_tensor(home)
+                pending.setdefault(p, dict(self.state.get(p, {})))["norm_ema"] = nu
+            return nu
+        group = seg.group
+        if seg.group["granularity"] == "global":
+            group = next(g for g in self.param_groups if g["granularity"] == "global")
+        nu = group.get("norm_ema")
+        if not _is_nu(nu, home):
+            nu = _as_nu(nu, home)
+            group["norm_ema"] = nu if nu is not None else nu_storage_tensor(home)
+        return group["norm_ema"]
+
+    def _commit(self, pending: dict, out: torch.Tensor | None) -> None:
+        if not pending:
+            return
+        if out is not None and out.device.type == "cpu" and bool(out[0, G.O_SKIP]):
+            return  # a skipped step leaves no trace, new state included
+        for p, st in pending.items():
+            self.state[p] = st
+
+    def _prepare(self) -> StepPlan:
+        """The checked plan of this step with its state attached (tests and tools use it)."""
+        plan, pending = self._plan()
+        self._commit(pending, None)
         return plan
+
+    def _plan(self) -> tuple[StepPlan, dict]:
+        self._check_settings(self.param_groups)
+        plan = build_plan(self.param_groups, self._owner, self._engine.cache)
+        self._check_state(plan)
+        return plan, self._init_group(plan)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One SGG-AdamW step. ``closure`` re-evaluates the model and returns the loss."""
         loss = self._closure_loss(closure)
-        plan = self._prepare()
+        plan, pending = self._plan()        # every check happens here, before any write
         if not plan.params:
-            _distributed.idle_step(plan, self.process_group, self._owner)
+            self._engine.idle(plan)
             return loss
-        self._run_guided(plan, "apply")
+        out = self._engine.run(plan, "apply")
+        self._commit(pending, out)
         return loss
 
-    # -- state dict --------------------------------------------------------------------------
+    # -- state dict, pickling ------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_sgg_backend"] = self._engine.backend
+        state["_sgg_fused"] = self._engine.fused
+        if self._engine.process_group is not None:
+            raise TypeError(
+                f"{self._owner} with process_group= cannot be pickled or deep-copied (a process "
+                "group is a live connection); checkpoint with state_dict() instead, and pass "
+                "process_group= again when you build the new optimizer.")
+        state.pop("_engine", None)
+        state.pop("_settings_keys", None)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        backend = state.pop("_sgg_backend", "auto")
+        fused = state.pop("_sgg_fused", False)
         super().__setstate__(state)
         for group in self.param_groups:
-            for k, v in {**GUIDANCE_DEFAULTS, **{k: self.defaults[k] for k in GUIDANCE_DEFAULTS
-                                                  if k in self.defaults}}.items():
-                group.setdefault(k, v)
-        if not hasattr(self, "backend"):
-            self._init_guided("auto")
+            for k, v in GUIDANCE_DEFAULTS.items():
+                group.setdefault(k, self.defaults.get(k, v))
+            for k in ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"):
+                group.setdefault(k, self.defaults.get(k, None if k in ("foreach", "fused") else False))
+        if "_engine" not in self.__dict__:
+            self._engine = StepEngine(self._owner, backend, None, fused=fused)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an ``SGGAdamW`` or ``torch.optim.AdamW`` state dict (same state names).
 
-        ``step`` and ``norm_ema`` are kept as float32 on the parameter's device; missing
-        guidance settings in the loaded groups take this optimizer's defaults.
+        Everything is checked first (group settings, state shapes), so a bad dict raises and
+        leaves this optimizer unchanged. ``step`` is kept as float32 on the parameter's device
+        and the running norms as float32 ``[ν, initialised]``; guidance settings missing in the
+        loaded groups take this optimizer's defaults.
         """
-        # torch casts every floating state tensor to the parameter's dtype; norm_ema is fp32
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+            raise ValueError(f"{self._owner}.load_state_dict: expected a dict with 'state' and "
+                             "'param_groups' (from optimizer.state_dict())")
+        if len(groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for k, (g, ng) in enumerate(zip(self.param_groups, groups)):
+            if len(g["params"]) != len(ng["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match "
+                                 f"the size of optimizer's group (param_groups[{k}])")
+        merged = []
+        for k, ng in enumerate(groups):
+            full = {**self.defaults, **{key: v for key, v in ng.items() if key != "params"}}
+            if isinstance(full.get("betas"), list):
+                full["betas"] = tuple(full["betas"])
+            try:
+                self._validate_group(full)
+            except ValueError as e:
+                raise ValueError(f"{self._owner}.load_state_dict: param_groups[{k}]: {e}") from None
+            merged.append(full)
+        validate_global_groups(merged, self._owner)
+        params = self._all_params()
+        ids = [i for g in groups for i in g["params"]]
+        for pid, p in zip(ids, params):
+            st = state_dict["state"].get(pid)
+            if not isinstance(st, dict):
+                continue
+            for key in PARAM_SHAPED:
+                t = st.get(key)
+                if t is not None and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
+                    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(
+                        f"{self._owner}.load_state_dict: state[{key!r}] of parameter {pid} has shape "
+                        f"{shape}, the parameter {tuple(p.shape)}; this state dict belongs to another "
+                        "model (or parameters are in another order).")
+            if ("exp_avg" in st or "exp_avg_sq" in st) and "step" not in st:
+                raise ValueError(f"{self._owner}.load_state_dict: the state of parameter {pid} has "
+                                 "moments but no 'step'; the state dict is incomplete")
         nus = {pid: st["norm_ema"] for pid, st in state_dict["state"].items()
                if isinstance(st, dict) and "norm_ema" in st}
+        group_nus = [ng.get("norm_ema") for ng in groups]
         super().load_state_dict(state_dict)
-        for pid, p in zip(saved_ids, self._all_params()):
-            if pid in nus:
-                self.state[p]["norm_ema"] = torch.as_tensor(nus[pid]).detach().to(
-                    device=p.device, dtype=torch.float32, copy=True)
-        for group in self.param_groups:
-            validate_adamw(group)
-            validate_guidance(group)
-            for p in group["params"]:
-                st = self.state.get(p)
-                if not st:
-                    continue
-                if "step" in st:
-                    step = st["step"]
-                    st["step"] = (step.detach().to(device=p.device, dtype=torch.float32, copy=True)
-                                  if torch.is_tensor(step) else
-                                  torch.tensor(float(step), dtype=torch.float32, device=p.device))
-        self._last_out = None
-        self._last_labels = []
+        for group, full in zip(self.param_groups, merged):
+            for key, v in full.items():
+                group.setdefault(key, v)
+        for group, nu in zip(self.param_groups, group_nus):
+            group.pop("norm_ema", None)
+            home = group["params"][0].device if group["params"] else torch.device("cpu")
+            nu = _as_nu(nu, home)
+            if nu is not None:
+                group["norm_ema"] = nu
+        for pid, p in zip(ids, params):
+            st = self.state.get(p)
+            if not st:
+                continue
+            st.pop("norm_ema", None)
+            nu = _as_nu(nus.get(pid), p.device)
+            if nu is not None:
+                st["norm_ema"] = nu
+            if "step" in st:
+                step = st["step"]
+                st["step"] = (step.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                              if torch.is_tensor(step) else
+                              torch.tensor(float(step), dtype=torch.float32, device=p.device))
+        self._settings_keys = None
+        self._engine.reset_last()

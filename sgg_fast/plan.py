@@ -1,8 +1,9 @@
-"""One step's plan: which tensors take part, how they form segments, and their per-tensor settings.
+"""One step's plan: which tensors take part, how they form segments, and their state.
 
-Built on the host from ``param_groups`` every step (O(number of tensors) host work, no device
-work). All input checks happen here, before anything is mutated, so that bad input never
-corrupts parameters or optimizer state. Backends read the plan; they never walk param_groups.
+:func:`build_plan` collects, from ``param_groups``, the tensors with a gradient, checks them
+(before anything is mutated, so bad input never corrupts parameters or state) and orders them
+segment by segment. The engine then attaches the state lists; backends read the plan (the
+groups, for per-group settings, through ``plan.groups``) and never change its lists.
 
 Architecture of a step (DESIGN §3): params → statistics → finalize (α, β, skip) → apply.
 """
@@ -15,17 +16,15 @@ from typing import Any
 import torch
 
 from . import guidance
+from .validation import GRANULARITIES, MAG_MODES, NONFINITE, REFERENCES, SEGMENT_KEYS
 
-REFERENCES = ("momentum", "ema", "source")
 REF_MOMENTUM, REF_EMA, REF_SOURCE = range(3)
-GRANULARITIES = ("group", "tensor", "global")
-MAG_MODES = tuple(guidance.MAG_MODES)
-NONFINITE = ("skip", "raise")
-
-#: guidance settings that must agree between param groups sharing one "global" segment
-SEGMENT_KEYS = guidance.GUIDANCE_KEYS + ("reference", "ref_beta", "nonfinite")
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+__all__ = ["Segment", "StepPlan", "build_plan", "describe", "REFERENCES", "GRANULARITIES",
+           "MAG_MODES", "NONFINITE", "SEGMENT_KEYS", "REF_MOMENTUM", "REF_EMA", "REF_SOURCE",
+           "SUPPORTED_DTYPES"]
 
 
 @dataclass
@@ -45,17 +44,31 @@ class StepPlan:
     params: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
     group_index: list[int] = field(default_factory=list)      # param_group of each tensor
+    param_index: list[int] = field(default_factory=list)      # position in its group's params
     seg_of_param: list[int] = field(default_factory=list)     # segment of each tensor
-    labels: list[str] = field(default_factory=list)           # "param_groups[g][i]" per tensor
     segments: list[Segment] = field(default_factory=list)
-    groups: list[dict] = field(default_factory=list)          # the optimizer's param_groups
-    # filled by the caller once the state exists
+    groups: list[dict] = field(default_factory=list)          # the settings of each param_group
+    # attached by the engine once the state exists
     exp_avgs: list[torch.Tensor] = field(default_factory=list)
     exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    #: ``state["max_exp_avg_sq"]`` where the tensor's group has amsgrad=True, else None
+    max_exp_avg_sqs: list[torch.Tensor | None] = field(default_factory=list)
     refs: list[torch.Tensor | None] = field(default_factory=list)   # r per tensor (None: r = 0)
     steps: list[torch.Tensor] = field(default_factory=list)
-    norm_emas: list[torch.Tensor | None] = field(default_factory=list)
-    cache: dict[str, Any] = field(default_factory=dict)       # lives across steps (the owner's)
+    #: per segment: float32 ``[2]`` = (ν, initialised) on ``home``; finalize reads it and writes
+    #: the new value back in place (relative segments, unskipped steps only)
+    seg_nus: list[torch.Tensor] = field(default_factory=list)
+    #: True for GradientGuidance (the guided gradient replaces .grad; see guidance.hyper_row)
+    rewrite_grad: bool = False
+    cache: dict[str, Any] = field(default_factory=dict)       # lives across steps (the engine's)
+
+    @property
+    def labels(self) -> list[str]:
+        """``"param_groups[g]['params'][i]"`` of each tensor (built only when asked: errors)."""
+        return [f"param_groups[{g}]['params'][{i}]" for g, i in zip(self.group_index, self.param_index)]
+
+    def label(self, i: int) -> str:
+        return f"param_groups[{self.group_index[i]}]['params'][{self.param_index[i]}]"
 
     @property
     def num_segments(self) -> int:
@@ -81,25 +94,19 @@ class StepPlan:
         """True when some segment has ``group[key] == value``."""
         return any(s.group[key] == value for s in self.segments)
 
-    def _cached(self, name: str, key: tuple, make) -> torch.Tensor:
-        hit = self.cache.get(name)
+    def hyper(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[S, len(HYPER_COLS)]`` guidance hyper-parameters on the home device (cached while
+        unchanged: an upload only when a setting changed)."""
+        rows = tuple(tuple(guidance.hyper_row(s.group, rewrite_grad=self.rewrite_grad))
+                     for s in self.segments)
+        key = (rows, self.home, dtype)
+        hit = self.cache.get("hyper")
         if hit is not None and hit[0] == key:
             return hit[1]
-        value = make()
-        self.cache[name] = (key, value)
-        return value
-
-    def hyper(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``[S, 7]`` guidance hyper-parameters on the home device (cached while unchanged)."""
-        rows = tuple(tuple(guidance.hyper_row(s.group)) for s in self.segments)
-        return self._cached("hyper", (rows, self.home, dtype), lambda: torch.tensor(
-            rows, dtype=dtype).reshape(len(rows), len(guidance.HYPER_COLS)).to(self.home))
-
-    def seg_index(self) -> torch.Tensor:
-        """``[P]`` int64 segment index of each tensor, on the home device (cached)."""
-        key = (tuple(self.seg_of_param), self.home)
-        return self._cached("seg_index", key, lambda: torch.tensor(
-            self.seg_of_param, dtype=torch.int64).to(self.home))
+        t = torch.tensor(rows, dtype=dtype).reshape(len(rows), len(guidance.HYPER_COLS))
+        t = t.pin_memory().to(self.home, non_blocking=True) if self.home.type == "cuda" else t
+        self.cache["hyper"] = (key, t)
+        return t
 
 
 def describe(p: torch.Tensor) -> str:
@@ -127,14 +134,15 @@ def _reject(owner: str, where: str, p: torch.Tensor, g: torch.Tensor) -> None:
 
 
 def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
-               cache: dict | None = None) -> StepPlan:
+               cache: dict | None = None, rewrite_grad: bool = False) -> StepPlan:
     """Collect the tensors with a gradient into segments and check them.
 
     Raises ``RuntimeError`` / ``ValueError`` with what is wrong and what to do for sparse or
-    complex gradients, unsupported dtypes, a segment spanning devices, and global segments
-    with disagreeing settings. Parameters whose ``.grad`` is None take no part.
+    complex gradients, unsupported dtypes and a segment spanning devices (the settings were
+    checked by :mod:`sgg_fast.validation`). Parameters whose ``.grad`` is None take no part.
     """
-    plan = StepPlan(groups=param_groups, cache=cache if cache is not None else {})
+    plan = StepPlan(groups=param_groups, cache=cache if cache is not None else {},
+                    rewrite_grad=rewrite_grad)
     global_seg: Segment | None = None
     global_members: list[tuple[int, int, torch.Tensor]] = []
     pending: list[tuple[str, dict, list[tuple[int, int, torch.Tensor]]]] = []
@@ -154,15 +162,6 @@ def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
             if global_seg is None:
                 global_seg = Segment(-1, "the global segment", group, torch.device("cpu"), 0, 0)
                 pending.append(("global", group, global_members))
-            else:
-                for k in SEGMENT_KEYS:
-                    if group[k] != global_seg.group[k]:
-                        first = param_groups.index(global_seg.group)
-                        raise ValueError(
-                            f"{owner}: param_groups[{first}] and param_groups[{gi}] both use "
-                            f"granularity='global' but differ in {k!r} ({global_seg.group[k]!r} vs "
-                            f"{group[k]!r}); one global segment has one setting. Make them equal or use "
-                            "granularity='group'.")
             global_members.extend(members)
         elif group["granularity"] == "tensor":
             for m in members:
@@ -187,5 +186,5 @@ def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
             plan.grads.append(p.grad)
             plan.group_index.append(gi)
             plan.seg_of_param.append(seg.index)
-            plan.labels.append(f"param_groups[{gi}]['params'][{pi}]")
+            plan.param_index.append(pi)
     return plan

@@ -10,11 +10,13 @@ from torch.optim import Optimizer
 
 from . import distributed as _distributed
 from . import guidance as G
-from .optimizer import GUIDANCE_DEFAULTS, _GuidedMixin, check_reference_shapes, validate_guidance
-from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, SEGMENT_KEYS, StepPlan, build_plan
+from .engine import StepEngine
+from .optimizer import GuidedOptimizerMixin, _as_nu, _is_nu, nu_storage_tensor
+from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, StepPlan, build_plan
+from .validation import GUIDANCE_DEFAULTS, SEGMENT_KEYS, check_reference_shapes, validate_guidance
 
 
-class GradientGuidance(_GuidedMixin, Optimizer):
+class GradientGuidance(GuidedOptimizerMixin, Optimizer):
     """Structured Gradient Guidance in front of any ``torch.optim`` optimizer.
 
     ``step()`` computes the per-segment statistics (one pass over ``g`` and ``r``), rewrites
@@ -36,6 +38,11 @@ class GradientGuidance(_GuidedMixin, Optimizer):
 
     ``process_group``: as for :class:`~sgg_fast.SGGAdamW`, for tensors sliced across processes
     by hand; DTensor (FSDP2) parameters and DDP need none.
+
+    A wrapped optimizer with ``maximize=True`` gets the guidance of ``-grad`` (the rewritten
+    ``.grad`` is negated again by the wrapped step). The running norms of ``mag_mode="relative"``
+    are kept per segment (``guide_state[p]["norm_ema"]`` for ``granularity="tensor"``, else in
+    this wrapper's ``segment_state``), saved by :meth:`state_dict`.
     """
 
     _owner = "GradientGuidance"
@@ -52,8 +59,7 @@ class GradientGuidance(_GuidedMixin, Optimizer):
         validate_guidance(settings)
         self.optimizer = optimizer
         self.settings = settings
-        for g in optimizer.param_groups:
-            validate_guidance(self._merged(g))
+        self._check_settings([self._merged(g) for g in optimizer.param_groups])
         if settings["reference"] == "momentum" and isinstance(optimizer, torch.optim.SGD) and \
                 all(g.get("momentum", 0) == 0 for g in optimizer.param_groups):
             raise ValueError("GradientGuidance(reference='momentum') needs a momentum buffer, but this SGD "
@@ -68,7 +74,8 @@ class GradientGuidance(_GuidedMixin, Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self.guide_state: defaultdict[torch.Tensor, dict] = defaultdict(dict)
-        self._init_guided(backend, process_group)
+        self.segment_state: dict[str, torch.Tensor] = {}
+        self._engine = StepEngine(self._owner, backend, process_group)
 
     @property
     def param_groups(self) -> list[dict]:  # type: ignore[override]
@@ -84,6 +91,7 @@ class GradientGuidance(_GuidedMixin, Optimizer):
 
     def _merged(self, group: dict) -> dict:
         merged = {k: group.get(k, v) for k, v in self.settings.items()}
+        merged["maximize"] = bool(group.get("maximize", False))
         merged["params"] = group["params"]
         return merged
 
@@ -92,9 +100,11 @@ class GradientGuidance(_GuidedMixin, Optimizer):
 
     def set_reference(self, refs) -> None:
         """As :meth:`SGGAdamW.set_reference`; stored in ``guide_state[p]["ref"]``."""
-        for p, r in check_reference_shapes(self._all_params(), refs, "GradientGuidance").items():
-            self.guide_state[p]["ref"] = (torch.zeros_like(p) if r is None else
-                                          _distributed.like_param(r, p))
+        checked = check_reference_shapes(self._all_params(), refs, "GradientGuidance")
+        new = {p: (torch.zeros_like(p, memory_format=torch.preserve_format) if r is None else
+                   _distributed.like_param(r, p)) for p, r in checked.items()}
+        for p, r in new.items():
+            self.guide_state[p]["ref"] = r
 
     def _momentum(self, p: torch.Tensor, label: str) -> torch.Tensor | None:
         st = self.optimizer.state.get(p, {})
@@ -110,36 +120,55 @@ class GradientGuidance(_GuidedMixin, Optimizer):
 
     def _prepare(self) -> StepPlan:
         groups = [self._merged(g) for g in self.param_groups]
-        plan = build_plan(groups, "GradientGuidance", self._cache)
+        self._check_settings(groups)
+        plan = build_plan(groups, self._owner, self._engine.cache, rewrite_grad=True)
         for i, p in enumerate(plan.params):
             if plan.ref_mode(i) == REF_SOURCE and "ref" not in self.guide_state.get(p, {}):
                 raise RuntimeError(
-                    f"GradientGuidance: {plan.labels[i]} uses reference='source' but no reference was "
+                    f"GradientGuidance: {plan.label(i)} uses reference='source' but no reference was "
                     "set; call set_reference(...) before step().")
-        moms = [self._momentum(p, plan.labels[i]) if plan.ref_mode(i) == REF_MOMENTUM else None
+            ref = self.guide_state.get(p, {}).get("ref")
+            if ref is not None and (ref.shape != p.shape or ref.device != p.device):
+                raise RuntimeError(f"GradientGuidance: the reference of {plan.label(i)} has shape "
+                                   f"{tuple(ref.shape)} on {ref.device}, its parameter {tuple(p.shape)} on "
+                                   f"{p.device}; call set_reference again with matching tensors.")
+        moms = [self._momentum(p, plan.label(i)) if plan.ref_mode(i) == REF_MOMENTUM else None
                 for i, p in enumerate(plan.params)]
         for i, p in enumerate(plan.params):
             st = self.guide_state[p]
             mode = plan.ref_mode(i)
             if mode == REF_EMA and "ref" not in st:
-                st["ref"] = torch.zeros_like(p)
-            relative = plan.segments[plan.seg_of_param[i]].group["mag_mode"] == "relative"
-            if relative and "norm_ema" not in st:
-                st["norm_ema"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["ref"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             plan.refs.append(moms[i] if mode == REF_MOMENTUM else st["ref"])
-            plan.norm_emas.append(st["norm_ema"] if relative else None)
+        plan.seg_nus = [self._segment_nu(plan, s) for s in range(plan.num_segments)]
         return plan
+
+    def _segment_nu(self, plan: StepPlan, s: int) -> torch.Tensor:
+        seg = plan.segments[s]
+        home = plan.home
+        if seg.group["mag_mode"] != "relative":
+            return self._engine.scratch_nu(s, home)
+        if seg.group["granularity"] == "tensor":
+            holder, key = self.guide_state[plan.params[seg.start]], "norm_ema"
+        else:
+            holder = self.segment_state
+            key = "global" if seg.group["granularity"] == "global" else f"group:{plan.group_index[seg.start]}"
+        nu = holder.get(key)
+        if not _is_nu(nu, home):
+            nu = _as_nu(nu, home)
+            holder[key] = nu if nu is not None else nu_storage_tensor(home)
+        return holder[key]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         loss = self._closure_loss(closure)
         plan = self._prepare()
         if plan.params:
-            out = self._run_guided(plan, "guide")
+            out = self._engine.run(plan, "guide")
             if bool(out[0, G.O_SKIP].item()):  # host sync: whether to call the wrapped step
                 return loss
         else:
-            _distributed.idle_step(plan, self.process_group, self._owner)
+            self._engine.idle(plan)
         self.optimizer.step()
         return loss
 
@@ -153,22 +182,42 @@ class GradientGuidance(_GuidedMixin, Optimizer):
         sd["guidance"] = {
             "settings": dict(self.settings),
             "state": {index[id(p)]: dict(st) for p, st in self.guide_state.items() if id(p) in index},
+            "segments": dict(self.segment_state),
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         guide = state_dict.pop("guidance", None)
-        self.optimizer.load_state_dict(state_dict)
-        self.guide_state = defaultdict(dict)
+        params = self._all_params()
+        new_state: defaultdict[torch.Tensor, dict] = defaultdict(dict)
+        segments: dict[str, torch.Tensor] = {}
         if guide:
-            params = self._all_params()
             for i, st in guide["state"].items():
+                if not 0 <= int(i) < len(params):
+                    raise ValueError(f"GradientGuidance.load_state_dict: guidance state for parameter "
+                                     f"{i}, but this optimizer has {len(params)} parameters")
                 p = params[int(i)]
-                self.guide_state[p] = {
-                    k: v.detach().to(device=p.device, dtype=torch.float32 if k == "norm_ema" else p.dtype,
-                                     copy=True) for k, v in st.items()}
-        self._last_out, self._last_labels = None, []
+                entry = {}
+                for k, v in st.items():
+                    if k == "norm_ema":
+                        nu = _as_nu(v, p.device)
+                        if nu is not None:
+                            entry[k] = nu
+                    else:
+                        if v.shape != p.shape:
+                            raise ValueError(f"GradientGuidance.load_state_dict: guidance {k!r} of parameter "
+                                             f"{i} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}")
+                        entry[k] = v.detach().to(device=p.device, dtype=p.dtype, copy=True)
+                new_state[p] = entry
+            for k, v in guide.get("segments", {}).items():
+                nu = _as_nu(v, v.device)
+                if nu is not None:
+                    segments[k] = nu
+        self.optimizer.load_state_dict(state_dict)
+        self.guide_state, self.segment_state = new_state, segments
+        self._settings_keys = None
+        self._engine.reset_last()
 
 
 __all__ = ["GradientGuidance", "SEGMENT_KEYS"]

@@ -120,7 +120,19 @@ def compare_optimizers(model, opt, ref_model, ref_opt) -> dict:
         for k in sp:
             key = k if k in ("norm_ema", "step") else "state"
             out[key] = max(out[key], maxdiff(sp[k], sq[k]))
+    for a, b in zip(segment_nus(opt), segment_nus(ref_opt)):
+        out["norm_ema"] = max(out["norm_ema"], maxdiff(a, b))
     return out
+
+
+def segment_nus(opt) -> list:
+    """The [ν, initialised] tensors of every segment that keeps one (SGGAdamW: in the param
+    group or, for granularity="tensor", the parameter's state; GradientGuidance: its own)."""
+    nus = [g["norm_ema"] for g in opt.param_groups if "norm_ema" in g]
+    state = getattr(opt, "guide_state", opt.state)
+    nus += [state[p]["norm_ema"] for g in opt.param_groups for p in g["params"] if "norm_ema" in state.get(p, {})]
+    nus += list(getattr(opt, "segment_state", {}).values())
+    return nus
 
 
 # -- the cases ------------------------------------------------------------------------------------
@@ -178,8 +190,7 @@ def _summary(model, opt, ref_model, ref_opt, stats, ref_stats, outs) -> dict:
     res = compare_optimizers(model, opt, ref_model, ref_opt)
     res["stats"] = max(reldiff(a, b) for a, b in zip(stats, ref_stats) if b is not None)
     res["same_out_all_ranks"] = all(same_on_all_ranks(o) for o in outs)
-    state = getattr(opt, "guide_state", opt.state)
-    nus = [state[p]["norm_ema"] for p in model.parameters() if "norm_ema" in state[p]]
+    nus = segment_nus(opt)
     res["norm_emas"] = len(nus)
     res["same_norm_ema_all_ranks"] = same_on_all_ranks(torch.stack(nus)) if nus else True
     st = ref_opt.last_stats()
@@ -617,6 +628,9 @@ def case_checkpoint(rank, backend):
     set_optimizer_state_dict(model2, opt2, sd["optim"])
     res["loaded_state"] = max(maxdiff(opt2.state[p2][k], v) for p, p2 in zip(model.parameters(), model2.parameters())
                               for k, v in opt.state[p].items())
+    # the running norms (one per segment, in the param groups) survive the round trip
+    res["loaded_nu"] = max(maxdiff(a, b) for a, b in zip(segment_nus(opt2), segment_nus(opt)))
+    res["n_nu"] = len(segment_nus(opt2))
     res["loaded_state_is_dtensor"] = all(type(opt2.state[p][k]).__name__ == "DTensor"
                                          for p in model2.parameters() for k in ("exp_avg", "exp_avg_sq", "ref"))
     for s in range(3, 5):  # both continue: identical

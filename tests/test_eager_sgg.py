@@ -77,8 +77,9 @@ def test_eager_sgg_matches_sggadamw(backend, reference, mag_mode, dtype):
             torch.testing.assert_close(sa["ref"].float(), sb["ref"].float(), **tol)
     if mag_mode == "relative":
         for gi in range(2):
-            nu = sgg.state[ps[0] if gi == 0 else ps[3]]["norm_ema"]
-            torch.testing.assert_close(eager._group_state[gi]["norm_ema"], nu, rtol=1e-4, atol=1e-6)
+            nu = sgg.param_groups[gi]["norm_ema"]   # one [ν, initialised] per segment
+            assert float(nu[1]) == 1.0
+            torch.testing.assert_close(eager._group_state[gi]["norm_ema"], nu[0], rtol=1e-4, atol=1e-6)
     if dtype == torch.float32:  # and against the float64 oracle written from DESIGN §1
         for a, want in zip(pe, oracle.params):
             torch.testing.assert_close(a.double(), want, rtol=1e-4, atol=1e-5)

@@ -145,18 +145,31 @@ def test_env_var_overrides_auto(monkeypatch):
     monkeypatch.setenv("SGG_FAST_BACKEND", "torch")
     opt = SGGAdamW([p])
     opt.step()
-    assert opt._backend_obj.name == "torch"
+    assert opt._engine.resolve(opt._prepare()).name == "torch"
 
 
-def test_amsgrad_from_loaded_adamw_is_refused():
+def test_amsgrad_from_loaded_adamw_continues_like_adamw():
+    """An AdamW(amsgrad=True) checkpoint loads (max_exp_avg_sq under torch's name) and SGGAdamW
+    with every λ = 0 continues exactly as AdamW would."""
+    torch.manual_seed(0)
     p = _p(3)
+    q = p.detach().clone().requires_grad_()
     adam = torch.optim.AdamW([p], amsgrad=True)
-    p.grad = torch.randn(3)
-    adam.step()
-    opt = SGGAdamW([p])
-    opt.load_state_dict(adam.state_dict())
-    with pytest.raises(ValueError, match="amsgrad"):
+    for _ in range(2):
+        p.grad = torch.randn(3)
+        adam.step()
+    opt = SGGAdamW([q], lambda_dir=0, lambda_mag=0, lambda_align=0)
+    with torch.no_grad():
+        q.copy_(p)
+    opt.load_state_dict(copy.deepcopy(adam.state_dict()))  # as from disk: no aliasing
+    assert opt.param_groups[0]["amsgrad"] is True
+    for _ in range(3):
+        g = torch.randn(3) * 0.1
+        p.grad, q.grad = g.clone(), g.clone()
+        adam.step()
         opt.step()
+    torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.state[q]["max_exp_avg_sq"], adam.state[p]["max_exp_avg_sq"])
 
 
 def test_guidance_wrapper_momentum_needs_a_buffer():

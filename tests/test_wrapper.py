@@ -104,7 +104,9 @@ def test_wrapper_state_dict_and_scheduler(backend):
     g2 = GradientGuidance(torch.optim.AdamW([q], lr=0.1), reference="ema", backend=backend)
     g2.load_state_dict(sd)
     assert torch.equal(g2.guide_state[q]["ref"], g.guide_state[p]["ref"])
-    assert float(g2.guide_state[q]["norm_ema"]) == float(g.guide_state[p]["norm_ema"]) > 0
+    # one running norm per segment ([ν, initialised]; granularity="group": keyed by the group)
+    assert torch.equal(g2.segment_state["group:0"], g.segment_state["group:0"])
+    assert float(g.segment_state["group:0"][0]) > 0 and float(g.segment_state["group:0"][1]) == 1
     grad = torch.randn(20)
     p.grad, q.grad = grad.clone(), grad.clone()
     g.step()

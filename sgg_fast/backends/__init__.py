@@ -57,16 +57,19 @@ def available_backends() -> list[str]:
     return [n for n, b in all_backends().items() if not b.unavailable_reasons()]
 
 
-def resolve(name: str, plan: StepPlan) -> Backend:
+def resolve(name: str, plan: StepPlan, fused_only: bool = False) -> Backend:
     """The backend that runs ``plan``: the one named, or the best for the tensors' device.
 
     ``SGG_FAST_BACKEND`` overrides ``"auto"``. Raises ``RuntimeError`` listing every reason
     when the named backend (or, for auto, every backend) cannot serve the step.
+    ``fused_only`` (``SGGAdamW(fused=True)``): only fused backends qualify.
     """
     if name == "auto":
         name = os.environ.get(ENV_VAR, "auto") or "auto"
     if name != "auto":
         backend = get_backend(name)
+        if fused_only and not backend.fused:
+            raise RuntimeError(f"fused=True but {ENV_VAR}={name!r} names a backend that is not fused")
         reasons = backend.not_supported_reasons(plan)
         if reasons:
             raise RuntimeError(
@@ -77,6 +80,8 @@ def resolve(name: str, plan: StepPlan) -> Backend:
     dev_types = {d.type for d in plan.devices} or {"cpu"}
     candidates = []
     for b in all_backends().values():
+        if fused_only and not b.fused:
+            continue
         prios = [b.auto_priority.get(t) for t in dev_types]
         if all(p is not None for p in prios):
             candidates.append((max(prios), b.name, b))
@@ -86,4 +91,7 @@ def resolve(name: str, plan: StepPlan) -> Backend:
         if not reasons:
             return b
         tried.append(f"{b.name}: " + "; ".join(reasons))
+    if fused_only:
+        raise RuntimeError("fused=True but no fused backend can run this step. " + " | ".join(tried)
+                           + ". Drop fused=True to let the torch backend serve it.")
     raise RuntimeError("no backend can run this step. " + " | ".join(tried))

@@ -26,6 +26,27 @@ class Partials:
         return len(self.values) == len(self.offsets) - 1 and self.offsets == list(range(len(self.offsets)))
 
 
+def legacy_nu(plan: StepPlan, device: torch.device) -> torch.Tensor:
+    """``[S]`` ν of each segment for a finalize that reads ``ν <= 0`` as "not initialised"."""
+    if not plan.seg_nus:
+        return torch.zeros(0, device=device)
+    nu = torch.stack([t.to(device) for t in plan.seg_nus])
+    return torch.where(nu[:, 1] > 0, nu[:, 0], torch.zeros_like(nu[:, 0]))
+
+
+def store_legacy_nu(plan: StepPlan, out: torch.Tensor) -> None:
+    """Write the new ν of relative segments back to ``plan.seg_nus`` (unchanged when skipped:
+    finalize then returns the old value)."""
+    from .. import guidance as G
+
+    rel = [s for s, seg in enumerate(plan.segments) if seg.group["mag_mode"] == "relative"]
+    if not rel:
+        return
+    nu = out[:, G.O_NU]
+    new = torch.stack([nu, (nu > 0).to(nu.dtype)], dim=1)
+    torch._foreach_copy_([plan.seg_nus[s] for s in rel], [new[s].to(plan.seg_nus[s].dtype) for s in rel])
+
+
 class Backend:
     """A way to run the three stages of an SGG step.
 
@@ -43,10 +64,13 @@ class Backend:
     auto_priority: dict[str, int | None] = {}
     #: True when ``apply``/``guide`` decide the skip on the device (no host sync in a step)
     device_skip: bool = True
-    #: True when ``finalize`` reads each segment's ``norm_ema`` from ``plan.norm_emas`` itself
-    #: (the optimizer then passes ``nu=None``) and ``apply``/``guide`` write the new value back
-    #: (unless the step is skipped): no gather/scatter launches around finalize
-    owns_norm_ema: bool = False
+    #: a fused backend (what ``SGGAdamW(fused=True)`` asks for)
+    fused: bool = True
+    #: True when the kernels walk a parameter's gradient, state and reference with one flat
+    #: index: they must then all have the parameter's strides
+    same_layout: bool = False
+    #: the apply stage implements amsgrad (state ``max_exp_avg_sq``)
+    amsgrad: bool = False
 
     def unavailable_reasons(self) -> list[str]:
         return []
@@ -63,7 +87,26 @@ class Backend:
         for dt in plan.dtypes:
             if dt not in self.dtypes:
                 reasons.append(f"{self.name} does not support {str(dt).replace('torch.', '')} parameters")
-        return reasons
+        return reasons + self.input_reasons(plan)
+
+    def input_reasons(self, plan: StepPlan) -> list[str]:
+        """Per-step checks of the plan's tensors (cheap; run every step by the engine)."""
+        if not self.amsgrad and any(t is not None for t in plan.max_exp_avg_sqs):
+            return [f"{self.name} does not implement amsgrad=True (backend='torch' does)"]
+        if not self.same_layout:
+            return []
+        lists = (("gradient", plan.grads), ("state['exp_avg']", plan.exp_avgs),
+                 ("state['exp_avg_sq']", plan.exp_avg_sqs), ("state['max_exp_avg_sq']", plan.max_exp_avg_sqs),
+                 ("reference", plan.refs))
+        for i, p in enumerate(plan.params):
+            st = p.stride()
+            for what, lst in lists:
+                t = lst[i] if i < len(lst) else None
+                if t is not None and t.numel() > 1 and t.stride() != st:
+                    return [f"{self.name} needs the {what} of {plan.label(i)} laid out like the parameter "
+                            f"(strides {t.stride()} vs {st}, e.g. a channels_last or transposed "
+                            "parameter whose gradient is contiguous); backend='torch' serves it"]
+        return []
 
     # -- the three stages -------------------------------------------------------------------
     def stats(self, plan: StepPlan) -> Partials:
@@ -81,12 +124,11 @@ class Backend:
         out.index_add_(0, chunk_seg, partials.values)
         return Partials(out, list(range(S + 1)))
 
-    def finalize(self, plan: StepPlan, partials: Partials, hyper: torch.Tensor,
-                 nu: torch.Tensor) -> torch.Tensor:
-        """Stage 2: ``[S, len(guidance.OUT_COLS)]`` (α, β, new norm_ema, skip, stats row)."""
-        from .. import guidance
-
-        return guidance.finalize(self.reduce(plan, partials).values, hyper, nu)
+    def finalize(self, plan: StepPlan, partials: Partials) -> torch.Tensor:
+        """Stage 2: ``[S, len(guidance.OUT_COLS)]`` (α, β, new norm_ema, skip, stats row).
+        Reads ``plan.hyper()`` and each segment's ν from ``plan.seg_nus``, and writes the new
+        ν back there (relative segments, unless the step is skipped)."""
+        raise NotImplementedError
 
     def apply(self, plan: StepPlan, out: torch.Tensor) -> None:
         """Stage 3 (SGGAdamW): AdamW on ``u = α·g + β·r``; updates p, m, v, step (and ref)."""

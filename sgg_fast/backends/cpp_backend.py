@@ -70,6 +70,7 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 class _CompiledBackend(Backend):
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     device_skip = True
+    same_layout = True
     _device_type = ""
     _stats_chunk = CPU_STATS_CHUNK
 

@@ -101,6 +101,8 @@ class TritonBackend(Backend):
     # preferred on CUDA; never picked by "auto" for CPU tensors (the interpreter is for tests)
     auto_priority = {"cuda": 10}
     device_skip = True
+    #: one flat index walks a parameter, its gradient, state and reference (same strides)
+    same_layout = True
 
     @property
     def description(self) -> str:  # type: ignore[override]
@@ -152,21 +154,21 @@ class TritonBackend(Backend):
                 if t is None:
                     continue
                 if not t.is_contiguous():
-                    if add(f"triton needs contiguous tensors: the {what} of {plan.labels[i]} "
+                    if add(f"triton needs contiguous tensors: the {what} of {plan.label(i)} "
                            f"({describe(t)}) is not (call .contiguous() on it, or use backend='torch')"):
                         return out
                 elif t.dtype != plan.params[i].dtype or t.device != plan.params[i].device:
                     if add(f"triton needs every tensor of a parameter in its dtype and device: the {what} "
-                           f"of {plan.labels[i]} is {describe(t)}, the parameter "
+                           f"of {plan.label(i)} is {describe(t)}, the parameter "
                            f"{describe(plan.params[i])} (use backend='torch')"):
                         return out
         for i, t in enumerate(plan.steps):
             if t is not None and (t.dtype != torch.float32 or t.numel() != 1
                                   or t.device != plan.params[i].device):
                 if add(f"triton keeps state['step'] as a one-element float32 tensor on the "
-                       f"parameter's device; that of {plan.labels[i]} is {describe(t)}"):
+                       f"parameter's device; that of {plan.label(i)} is {describe(t)}"):
                     return out
-        for s, t in enumerate(getattr(plan, "seg_nus", ())):  # TODO(mirrors): plain plan.seg_nus after the engine merge
+        for s, t in enumerate(plan.seg_nus):
             if t.dtype != torch.float32 or t.numel() != 2 or not t.is_contiguous() or t.device != plan.home:
                 if add(f"triton keeps each segment's (norm_ema, initialised) as a contiguous float32 [2] "
                        f"tensor on {plan.home}; that of segment {plan.segments[s].label} is {describe(t)}"):
@@ -223,7 +225,7 @@ class TritonBackend(Backend):
             numels.append(p.numel())
         if any(f & 3 == 3 for f in flags):
             raise RuntimeError("backend='triton' supports float32, bfloat16 and float16 parameters; "
-                               + ", ".join(f"{plan.labels[i]} is {plan.params[i].dtype}"
+                               + ", ".join(f"{plan.label(i)} is {plan.params[i].dtype}"
                                            for i, p in enumerate(plan.params) if p.dtype not in _DT_CODE))
 
         struct_key = (dev, chunk, tuple(numels), tuple(flags), tuple(plan.seg_of_param),
@@ -257,7 +259,7 @@ class TritonBackend(Backend):
             for i, g in enumerate(plan.grads):
                 if not g.is_contiguous():
                     raise RuntimeError(f"backend='triton' needs contiguous gradients: that of "
-                                       f"{plan.labels[i]} ({describe(g)}) is not (use backend='torch')")
+                                       f"{plan.label(i)} ({describe(g)}) is not (use backend='torch')")
         if changed:
             host = tab.meta_host
             for k in changed:
@@ -326,7 +328,7 @@ class TritonBackend(Backend):
         key = (tuple(offsets), tuple(t.data_ptr() for t in nus))
         segs = tab.segs.get(key)
         if segs is None:
-            rows = [[offsets[s], offsets[s + 1], key[1][s]] for s in range(len(nus))]
+            rows = [[offsets[s], offsets[s + 1], key[1][s]] for s in range(plan.num_segments)]
             segs = _upload(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), L.SEG_COLS), plan.home)
             if len(tab.segs) >= 4:
                 tab.segs.clear()

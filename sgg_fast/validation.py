@@ -1,0 +1,211 @@
+"""Checks of hyper-parameters, references and loaded state: ``ValueError`` naming the bad value.
+
+Every check here runs before anything is written (construction, ``add_param_group``,
+``load_state_dict``, ``set_reference`` and, when a group's settings changed, ``step``), so a
+rejected input leaves parameters and optimizer state bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import guidance
+
+REFERENCES = ("momentum", "ema", "source")
+GRANULARITIES = ("group", "tensor", "global")
+MAG_MODES = tuple(guidance.MAG_MODES)
+NONFINITE = ("skip", "raise")
+
+#: guidance settings, with their defaults (every one may be set per param_group)
+GUIDANCE_DEFAULTS: dict[str, Any] = dict(
+    lambda_dir=0.2, lambda_mag=1.0, lambda_align=1.0,
+    mag_mode="relative", max_norm=1.0, mag_ratio=2.0, mag_beta=0.9,
+    reference="momentum", ref_beta=0.9, granularity="group", nonfinite="skip",
+)
+
+#: settings that must agree between param groups sharing one "global" segment
+SEGMENT_KEYS = guidance.GUIDANCE_KEYS + ("reference", "ref_beta", "nonfinite", "maximize")
+
+_INF = float("inf")
+
+
+def _value(name: str, value: Any) -> float:
+    """The number behind a hyper-parameter: a Python real or a one-element real tensor (read on
+    the host: one sync, only when the value changed)."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a number, got {type(value).__name__})")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in
+                                      (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            raise ValueError(f"Invalid {name}: a tensor of dtype {value.dtype} (expected a real number)")
+        return float(value.detach().reshape(()).to("cpu", torch.float64))
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a number)") from None
+
+
+def check_number(name: str, value: Any, lo: float, hi: float, lo_open: bool = False,
+                 hi_open: bool = False, key: str | None = None) -> None:
+    """``value`` (a number or a one-element tensor) is finite and in the interval. ``name`` is
+    the wording of the message (torch's, where torch has one), ``key`` the setting's name."""
+    key = key or name
+    v = _value(key, value)
+    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        shown = v if isinstance(value, torch.Tensor) else value
+        raise ValueError(f"Invalid {name}: {shown!r} ({key} must be finite and in {rng})")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (choose one of {', '.join(map(repr, choices))})")
+
+
+def check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+
+
+def validate_guidance(group: dict) -> None:
+    """Check the guidance settings of a param_group-like dict."""
+    for k in GUIDANCE_DEFAULTS:
+        if k not in group:
+            raise ValueError(f"param_group is missing the guidance setting {k!r}")
+    for k in ("lambda_dir", "lambda_mag", "lambda_align"):
+        check_number(k, group[k], 0.0, 1.0)
+    check_choice("mag_mode", group["mag_mode"], MAG_MODES)
+    check_number("max_norm", group["max_norm"], 0.0, _INF, lo_open=True, hi_open=True)
+    check_number("mag_ratio", group["mag_ratio"], 0.0, _INF, lo_open=True, hi_open=True)
+    check_number("mag_beta", group["mag_beta"], 0.0, 1.0, hi_open=True)
+    check_choice("reference", group["reference"], REFERENCES)
+    check_number("ref_beta", group["ref_beta"], 0.0, 1.0, hi_open=True)
+    check_choice("granularity", group["granularity"], GRANULARITIES)
+    check_choice("nonfinite", group["nonfinite"], NONFINITE)
+
+
+def validate_adamw(group: dict) -> None:
+    """Check AdamW's settings as ``torch.optim.AdamW`` does (its messages where it has them)."""
+    for k in ("lr", "betas", "eps", "weight_decay"):
+        if k not in group:
+            raise ValueError(f"param_group is missing the AdamW setting {k!r}")
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    check_number("learning rate", lr, 0.0, _INF, hi_open=True, key="lr")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+    b1, b2 = betas
+    if isinstance(b1, torch.Tensor) != isinstance(b2, torch.Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for k, b in enumerate(betas):
+        if isinstance(b, torch.Tensor) and b.numel() != 1:
+            raise ValueError(f"Tensor betas[{k}] must be 1-element")
+        check_number(f"beta parameter at index {k}", b, 0.0, 1.0, hi_open=True, key=f"betas[{k}]")
+    check_number("epsilon value", group["eps"], 0.0, _INF, hi_open=True, key="eps")
+    check_number("weight_decay value", group["weight_decay"], 0.0, _INF, hi_open=True,
+                 key="weight_decay")
+    for k in ("amsgrad", "maximize", "capturable", "differentiable"):
+        check_flag(k, group.get(k, False))
+    for k in ("foreach", "fused"):
+        if group.get(k) is not None:
+            check_flag(k, group[k])
+    # torch.optim.AdamW's own restrictions, kept so that code written for it behaves the same
+    if group.get("fused") and group.get("differentiable"):
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if group.get("fused") and group.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if group.get("foreach") and not group.get("capturable"):
+        if isinstance(lr, torch.Tensor):
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if isinstance(b1, torch.Tensor):
+            raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True")
+
+
+def validate_global_groups(groups: list[dict], owner: str) -> None:
+    """Groups with ``granularity="global"`` share one segment and so one setting."""
+    first = None
+    for gi, g in enumerate(groups):
+        if g.get("granularity") != "global":
+            continue
+        if first is None:
+            first = gi
+            continue
+        for k in SEGMENT_KEYS:
+            if g.get(k, False) != groups[first].get(k, False):
+                raise ValueError(
+                    f"{owner}: param_groups[{first}] and param_groups[{gi}] both use "
+                    f"granularity='global' but differ in {k!r} ({groups[first].get(k)!r} vs "
+                    f"{g.get(k)!r}); one global segment has one setting. Make them equal or use "
+                    "granularity='group'.")
+
+
+def settings_key(group: dict) -> tuple:
+    """What a group's settings are now, cheaply (no host read of tensors): a change of any value
+    (or an in-place change of a tensor, by its version counter) changes the key."""
+    out = []
+    for k, v in group.items():
+        if k == "params":
+            continue
+        if isinstance(v, torch.Tensor):
+            out.append((k, id(v), v._version))
+        elif isinstance(v, (tuple, list)):
+            out.append((k, tuple((id(x), x._version) if isinstance(x, torch.Tensor) else x for x in v)))
+        else:
+            out.append((k, v if isinstance(v, (int, float, str, bool, type(None))) else id(v)))
+    return tuple(out)
+
+
+def check_reference_shapes(params: list[torch.Tensor], refs: Any, owner: str
+                           ) -> dict[torch.Tensor, torch.Tensor | None]:
+    """Turn ``set_reference``'s list or dict into {param: tensor or None}, checking every entry
+    (shape, real dense, finite) before the caller writes any of them."""
+    ids = {id(p): i for i, p in enumerate(params)}
+    if isinstance(refs, dict):
+        items = []
+        for key, value in refs.items():
+            if not isinstance(key, torch.Tensor) or id(key) not in ids:
+                raise ValueError(f"{owner}.set_reference: a key of the dict is not a parameter of this "
+                                 "optimizer; key the dict by the parameter tensors themselves")
+            items.append((ids[id(key)], key, value))
+    else:
+        refs = list(refs)
+        if len(refs) != len(params):
+            raise ValueError(f"{owner}.set_reference: got {len(refs)} references for {len(params)} "
+                             "parameters; pass one per parameter, in param_groups order (None for none)")
+        items = [(i, p, r) for i, (p, r) in enumerate(zip(params, refs))]
+    out = {}
+    nonfinite = []
+    for i, p, r in items:
+        if r is not None:
+            if not isinstance(r, torch.Tensor):
+                raise ValueError(f"{owner}.set_reference: reference #{i} is a {type(r).__name__}, not a tensor")
+            if r.shape != p.shape:
+                raise ValueError(f"{owner}.set_reference: reference #{i} has shape {tuple(r.shape)} but its "
+                                 f"parameter has shape {tuple(p.shape)}")
+            if torch.is_complex(r) or r.layout != torch.strided or not r.is_floating_point():
+                raise ValueError(f"{owner}.set_reference: reference #{i} must be a dense real floating "
+                                 f"tensor, got {r.dtype} ({r.layout})")
+            nonfinite.append((i, r))
+        out[p] = r
+    if nonfinite:
+        # one host read for all of them (set_reference is not on the step's path)
+        from .distributed import is_dtensor
+
+        flags = torch.stack([(~torch.isfinite(r.to_local() if is_dtensor(r) else r)).any().cpu()
+                             for _, r in nonfinite]).tolist()
+        bad = [i for (i, _), f in zip(nonfinite, flags) if f]
+        if bad:
+            raise ValueError(
+                f"{owner}.set_reference: reference #{bad[0]} contains inf or NaN"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                + "; every later step would be skipped. Pass finite references (e.g. recompute the "
+                  "source gradients with a smaller loss scale).")
+    return out
