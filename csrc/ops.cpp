@@ -3,7 +3,7 @@
 // registered from Python (sgg_fast/_ops.py). One SGG step is
 //
 //   partials = sgg_stats(grads, refs, params, chunk_size)            # [C, 4] per-chunk sums
-//   out      = sgg_finalize(partials, seg_offsets, hyper, nu)        # [S, 13] α, β, ν, skip, stats
+//   out      = sgg_finalize(partials, seg_offsets, hyper, nu)        # [S, 14] α, β, ν, skip, stats
 //   sgg_adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, refs, out, ...)   # SGGAdamW
 //   sgg_guide_apply(grads, refs, out, ...)                           # GradientGuidance
 //
@@ -67,8 +67,12 @@ TORCH_LIBRARY(sgg_fast, m) {
       "Tensor(a!)? ws=None, Tensor(b!)? ws_host=None) -> Tensor");
   // Sum the rows seg_offsets[s]:seg_offsets[s+1] of each segment, in row order (deterministic).
   m.def("sgg_segment_sum(Tensor partials, Tensor seg_offsets) -> Tensor");
-  // sgg_segment_sum then guidance.finalize: [S, 13] (OUT_COLS), with the global skip flag.
-  m.def("sgg_finalize(Tensor partials, Tensor seg_offsets, Tensor hyper, Tensor nu) -> Tensor");
+  // sgg_segment_sum then guidance.finalize: [S, 14] (OUT_COLS), with the global skip flag.
+  // hyper: [S, 10] (HYPER_COLS). nu: one float32 [2] tensor (norm_ema, initialised) per segment
+  // (plan.seg_nus), on the partials' device; read, and written back in place for
+  // mag_mode="relative" segments unless the step is skipped (finalize_row in sgg_common.h).
+  m.def(
+      "sgg_finalize(Tensor partials, Tensor seg_offsets, Tensor hyper, Tensor(a!)[] nu) -> Tensor");
   // AdamW on u = α·g + β·r (α, β from out[seg_index[i]]), one pass; also step += 1 and, for
   // ref_mode 1 (ema), refs[i] ← ref_beta·r + (1-ref_beta)·g. Does nothing when out says skip.
   // ref_mode 0 (momentum): r is exp_avgs[i] before the step and refs[i] is a placeholder with

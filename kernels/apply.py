@@ -14,8 +14,9 @@ before this step (``exp_avg`` itself for ``reference="momentum"``)::
 runs no iteration and writes nothing. Learning rate, betas, eps, weight decay and ref_beta come
 from a per-group table and the step counts from a scratch copy the statistics launch made: all
 runtime values (no recompilation per step, LR schedules work). The first chunk of each tensor
-writes ``step = t`` and the segment's new ``norm_ema``; every program computes the bias
-corrections from the OLD step (the scratch copy), never from a value another program writes.
+writes ``step = t`` (each segment's ``norm_ema`` is written by the finalize launch); every
+program computes the bias corrections from the OLD step (the scratch copy), never from a value
+another program writes.
 
 :func:`launch_guide` — ``g ← α·g + β·r`` in place (and the ema update with the raw g).
 """
@@ -38,7 +39,6 @@ _P_ = tl.constexpr(L.P)
 _M_ = tl.constexpr(L.M)
 _V_ = tl.constexpr(L.V)
 _STEP = tl.constexpr(L.STEP)
-_NU = tl.constexpr(L.NU)
 _NUMEL = tl.constexpr(L.NUMEL)
 _SEG = tl.constexpr(L.SEG)
 _GROUP = tl.constexpr(L.GROUP)
@@ -46,7 +46,6 @@ _FLAGS = tl.constexpr(L.FLAGS)
 _R_READ = tl.constexpr(L.R_READ)
 _R_EMA = tl.constexpr(L.R_EMA)
 _R_IS_M = tl.constexpr(L.R_IS_M)
-_F_NU = tl.constexpr(L.F_NU)
 _F_STEP = tl.constexpr(L.F_STEP)
 _HC = tl.constexpr(L.HYP_COLS)
 _H_LR = tl.constexpr(L.H_LR)
@@ -63,7 +62,6 @@ _H_OMRB = tl.constexpr(L.H_OMRB)
 _NOUT = tl.constexpr(len(_G.OUT_COLS))
 _O_ALPHA = tl.constexpr(_G.O_ALPHA)
 _O_BETA = tl.constexpr(_G.O_BETA)
-_O_NU = tl.constexpr(_G.O_NU)
 _O_SKIP = tl.constexpr(_G.O_SKIP)
 
 #: below this |x|, expm1(x) uses its Taylor series (8 terms: truncation < 1e-9 relative)
@@ -139,7 +137,7 @@ def _apply_kernel(
     meta_ptr,       # int64 [P, META_COLS]: per-tensor addresses, sizes and flags (layout.py)
     chunks_ptr,     # int64 [C, 2]: (tensor row, first element) of each chunk = program
     hyper_ptr,      # float32 [NG, HYP_COLS]: per-group lr, 1-lr·wd, eps, betas, ln betas, ref_beta
-    out_ptr,        # float32 [S, len(OUT_COLS)]: finalize output (α, β, ν per segment; skip)
+    out_ptr,        # float32 [S, len(OUT_COLS)]: finalize output (α, β per segment; skip)
     steps_ptr,      # float32 [P]: step counts before this step (written by the stats launch)
     CHUNK: tl.constexpr,    # elements per chunk (a multiple of BLOCK)
     BLOCK: tl.constexpr,    # elements per inner iteration
@@ -204,9 +202,6 @@ def _apply_kernel(
     first = live & (start == 0)
     step_addr = tl.load(mrow + _STEP)
     tl.store(step_addr.to(tl.pointer_type(tl.float32)), t, mask=first & ((flags & _F_STEP) != 0))
-    nu_addr = tl.load(mrow + _NU)
-    nu_new = tl.load(out_ptr + seg * _NOUT + _O_NU)
-    tl.store(nu_addr.to(tl.pointer_type(tl.float32)), nu_new, mask=first & ((flags & _F_NU) != 0))
 
 
 def launch_apply(meta, chunks, hyper, out, steps_old, *, chunk: int, dt: int, aligned: bool) -> None:
@@ -234,7 +229,7 @@ def _guide_kernel(
     meta_ptr,       # int64 [P, META_COLS]: per-tensor addresses, sizes and flags (layout.py)
     chunks_ptr,     # int64 [C, 2]: (tensor row, first element) of each chunk = program
     hyper_ptr,      # float32 [NG, HYP_COLS]: per-group table (only ref_beta is read here)
-    out_ptr,        # float32 [S, len(OUT_COLS)]: finalize output (α, β, ν per segment; skip)
+    out_ptr,        # float32 [S, len(OUT_COLS)]: finalize output (α, β per segment; skip)
     CHUNK: tl.constexpr,    # elements per chunk (a multiple of BLOCK)
     BLOCK: tl.constexpr,    # elements per inner iteration
     DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS)
@@ -273,11 +268,6 @@ def _guide_kernel(
     if n_full < n_here:
         offs = start + n_full + tl.arange(0, BLOCK)
         _guide_block(g_addr, r_addr, offs, offs < numel, code, read_r, is_ema, alpha, beta, rb, omrb, DT, False)
-
-    first = live & (start == 0)
-    nu_addr = tl.load(mrow + _NU)
-    nu_new = tl.load(out_ptr + seg * _NOUT + _O_NU)
-    tl.store(nu_addr.to(tl.pointer_type(tl.float32)), nu_new, mask=first & ((flags & _F_NU) != 0))
 
 
 def launch_guide(meta, chunks, hyper, out, *, chunk: int, dt: int, aligned: bool) -> None:

@@ -14,8 +14,10 @@ Launch 2, :func:`launch_finalize`: ONE program. Pass 1 sums the partials of each
 (rows ``lo:hi`` of the partials) in a fixed order — a ``[SB, KB]`` tile of running sums,
 reduced along its rows at the end — so results are bitwise reproducible run to run. Pass 2
 computes exactly :func:`sgg_fast.guidance.finalize`'s output columns (α, β, ν, the
-``last_stats()`` row, ``bad``, and the global ``skipped`` flag), mirroring its formulas
-operation by operation (IEEE ``div_rn``/``sqrt_rn``, no FMA contraction).
+``last_stats()`` row, ``bad``), mirroring its formulas operation by operation (IEEE
+``div_rn``/``sqrt_rn``, no FMA contraction; the third mirror is ``finalize_row`` in
+``csrc/sgg_common.h``). Pass 3 writes the global ``skipped`` flag and each relative segment's
+new ``(ν, initialised)`` into its own float32 [2] tensor (``plan.seg_nus``), unless skipped.
 """
 
 from __future__ import annotations
@@ -46,15 +48,21 @@ _S_NU = tl.constexpr(L.S_NU)
 
 _NOUT = tl.constexpr(len(_G.OUT_COLS))
 _NHYP = tl.constexpr(len(_G.HYPER_COLS))
-_BLEND_EPS = tl.constexpr(_G.BLEND_EPS)
+_NNU = tl.constexpr(len(_G.NU_COLS))
 _PARAM_FLOOR = tl.constexpr(_G.PARAM_NORM_FLOOR)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+_EPS32 = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps
 
-# the finalize kernel reads HYPER_COLS and writes OUT_COLS by position
-assert (_G.H_LDIR, _G.H_LMAG, _G.H_LALIGN, _G.H_MODE, _G.H_MAXNORM, _G.H_RATIO, _G.H_MBETA) == tuple(range(7))
-assert (_G.O_ALPHA, _G.O_BETA, _G.O_NU, _G.O_GNORM, _G.O_RNORM, _G.O_COS, _G.O_CONFLICT, _G.O_UNORM,
-        _G.O_SCALE, _G.O_DIRPEN, _G.O_MAGPEN, _G.O_BAD, _G.O_SKIP) == tuple(range(13))
-assert _G.MAG_MODES == {"absolute": 0, "relative": 1, "param": 2}
+# columns, by name (guidance.py / csrc/sgg_common.h)
+_GG, _RR, _GR, _PP = (tl.constexpr(c) for c in (_G.GG, _G.RR, _G.GR, _G.PP))
+(_H_LDIR, _H_LMAG, _H_LALIGN, _H_MODE, _H_MAXNORM, _H_RATIO, _H_MBETA, _H_GRSIGN, _H_ASIGN,
+ _H_BSIGN) = (tl.constexpr(c) for c in (_G.H_LDIR, _G.H_LMAG, _G.H_LALIGN, _G.H_MODE, _G.H_MAXNORM,
+                                        _G.H_RATIO, _G.H_MBETA, _G.H_GRSIGN, _G.H_ASIGN, _G.H_BSIGN))
+(_O_ALPHA, _O_BETA, _O_NU, _O_NUINIT, _O_GNORM, _O_RNORM, _O_COS, _O_CONFLICT, _O_UNORM, _O_SCALE,
+ _O_DIRPEN, _O_MAGPEN, _O_BAD, _O_SKIP) = (tl.constexpr(c) for c in range(len(_G.OUT_COLS)))
+_N_NU, _N_INIT = tl.constexpr(_G.N_NU), tl.constexpr(_G.N_INIT)
+_MAG_ABS, _MAG_REL = tl.constexpr(_G.MAG_MODES["absolute"]), tl.constexpr(_G.MAG_MODES["relative"])
+assert _G.OUT_COLS.index("skipped") == len(_G.OUT_COLS) - 1 and _G.O_SKIP == len(_G.OUT_COLS) - 1
 
 #: elements per inner iteration of a program (8 bf16 / 2x4 fp32 per thread with 4 warps:
 #: full 16-byte vector loads)
@@ -214,19 +222,40 @@ def _clamp_min(x, lo):
     return tl.where(x < lo, lo, x)
 
 
+@triton.jit
+def _load_nu(nu_ptr, segs_ptr, sidx, smask, SB: tl.constexpr, NU_MODE: tl.constexpr):
+    """(ν, initialised) of segments ``sidx``, and the address of their ν tensor (NU_MODE 2)."""
+    nu_addr = tl.zeros([SB], dtype=tl.int64)
+    if NU_MODE == 1:
+        nu_old = tl.load(nu_ptr + sidx * _NNU + _N_NU, mask=smask, other=0.0)
+        nu_flag = tl.load(nu_ptr + sidx * _NNU + _N_INIT, mask=smask, other=0.0)
+    elif NU_MODE == 2:
+        nu_addr = tl.load(segs_ptr + sidx * _SC + _S_NU, mask=smask, other=0)
+        p = nu_addr.to(tl.pointer_type(tl.float32))
+        live = smask & (nu_addr != 0)
+        nu_old = tl.load(p + _N_NU, mask=live, other=0.0)
+        nu_flag = tl.load(p + _N_INIT, mask=live, other=0.0)
+    else:
+        nu_old = tl.zeros([SB], dtype=tl.float32)
+        nu_flag = tl.zeros([SB], dtype=tl.float32)
+    return nu_old, nu_flag, nu_addr
+
+
 @triton.jit(do_not_specialize=["S"])
 def _finalize_kernel(
     partials_ptr,   # float32 [C, 4]: per-chunk (gg, rr, gr, pp), segment s owns rows lo..hi-1
-    segs_ptr,       # int64 [S, SEG_COLS]: (lo, hi, address of the segment's norm_ema or 0)
-    hyper_ptr,      # float32 [S, 7]: guidance hyper-parameters (guidance.HYPER_COLS)
-    nu_ptr,         # float32 [S]: current norm_ema when NU_MODE == 1 (unused otherwise)
+    segs_ptr,       # int64 [S, SEG_COLS]: (lo, hi, address of the segment's float32 (ν, init) or 0)
+    hyper_ptr,      # float32 [S, len(HYPER_COLS)]: guidance hyper-parameters (guidance.HYPER_COLS)
+    nu_ptr,         # float32 [S, 2]: current (ν, initialised) when NU_MODE == 1 (unused otherwise)
     red_ptr,        # float32 [S, 4] out: the summed statistics of each segment
     out_ptr,        # float32 [S, len(OUT_COLS)] out: guidance.finalize's columns
     S,              # number of segments
-    cancel_tol,     # CANCEL_EPS * eps(float32): the λ3 cancellation guard's relative threshold
+    cancel_tol,     # CANCEL_EPS·eps(float32): sin²(g, r) below it is rounding noise (g ∥ r)
+    blend_tol,      # BLEND_EPS·eps(float32): ‖w‖² below it disables the direction blend
     SB: tl.constexpr,           # segments per tile
     KB: tl.constexpr,           # partial rows per tile
-    NU_MODE: tl.constexpr,      # 0: ν = 0; 1: ν from nu_ptr; 2: ν read through segs' addresses
+    NU_MODE: tl.constexpr,      # 0: (ν, init) = (0, 0); 1: from nu_ptr; 2: through segs' addresses,
+                                #    written back for relative segments unless the step is skipped
     REDUCE_ONLY: tl.constexpr,  # stop after writing red_ptr (Backend.reduce)
 ):
     # ---- pass 1: fixed-order segmented sums, and whether any segment is non-finite ----------
@@ -246,19 +275,19 @@ def _finalize_kernel(
             kk = k0 + tl.arange(0, KB)
             m2 = smask[:, None] & (kk[None, :] < n[:, None])
             base = partials_ptr + (lo[:, None] + kk[None, :]) * 4
-            t_gg += tl.load(base + 0, mask=m2, other=0.0)
-            t_rr += tl.load(base + 1, mask=m2, other=0.0)
-            t_gr += tl.load(base + 2, mask=m2, other=0.0)
-            t_pp += tl.load(base + 3, mask=m2, other=0.0)
+            t_gg += tl.load(base + _GG, mask=m2, other=0.0)
+            t_rr += tl.load(base + _RR, mask=m2, other=0.0)
+            t_gr += tl.load(base + _GR, mask=m2, other=0.0)
+            t_pp += tl.load(base + _PP, mask=m2, other=0.0)
         gg = tl.sum(t_gg, axis=1)
         rr = tl.sum(t_rr, axis=1)
         gr = tl.sum(t_gr, axis=1)
         pp = tl.sum(t_pp, axis=1)
         red = red_ptr + sidx * 4
-        tl.store(red + 0, gg, mask=smask)
-        tl.store(red + 1, rr, mask=smask)
-        tl.store(red + 2, gr, mask=smask)
-        tl.store(red + 3, pp, mask=smask)
+        tl.store(red + _GG, gg, mask=smask)
+        tl.store(red + _RR, rr, mask=smask)
+        tl.store(red + _GR, gr, mask=smask)
+        tl.store(red + _PP, pp, mask=smask)
         ok = _finite(gg) & _finite(rr) & _finite(gr) & _finite(pp)
         any_bad = any_bad | tl.max((smask & ~ok).to(tl.int32), axis=0)
 
@@ -266,108 +295,141 @@ def _finalize_kernel(
         # pass 2 reads what pass 1 wrote (other threads of this one program): a CTA barrier
         # orders those global-memory accesses.
         tl.debug_barrier()
-        skip = any_bad != 0
+        # ---- pass 2: guidance.finalize's math per segment (mirror of guidance.finalize and of
+        # finalize_row in csrc/sgg_common.h: the same operations in the same order, IEEE
+        # div_rn / sqrt_rn, no FMA contraction) ----------------------------------------------
         for s0 in range(0, S, SB):
             sidx = s0 + tl.arange(0, SB)
             smask = sidx < S
             red = red_ptr + sidx * 4
-            gg = tl.load(red + 0, mask=smask, other=0.0)
-            rr = tl.load(red + 1, mask=smask, other=0.0)
-            gr = tl.load(red + 2, mask=smask, other=0.0)
-            pp = tl.load(red + 3, mask=smask, other=0.0)
+            gg = tl.load(red + _GG, mask=smask, other=0.0)
+            rr = tl.load(red + _RR, mask=smask, other=0.0)
+            gr_raw = tl.load(red + _GR, mask=smask, other=0.0)
+            pp = tl.load(red + _PP, mask=smask, other=0.0)
             hrow = hyper_ptr + sidx * _NHYP
-            l_dir = tl.load(hrow + 0, mask=smask, other=0.0)
-            l_mag = tl.load(hrow + 1, mask=smask, other=0.0)
-            l_align = tl.load(hrow + 2, mask=smask, other=0.0)
-            mode = tl.load(hrow + 3, mask=smask, other=0.0)
-            max_norm = tl.load(hrow + 4, mask=smask, other=1.0)
-            ratio = tl.load(hrow + 5, mask=smask, other=1.0)
-            mbeta = tl.load(hrow + 6, mask=smask, other=0.0)
-            if NU_MODE == 1:
-                nu = tl.load(nu_ptr + sidx, mask=smask, other=0.0)
-            elif NU_MODE == 2:
-                nu_addr = tl.load(segs_ptr + sidx * _SC + _S_NU, mask=smask, other=0)
-                nu = tl.load(nu_addr.to(tl.pointer_type(tl.float32)), mask=smask & (nu_addr != 0), other=0.0)
-            else:
-                nu = tl.zeros([SB], dtype=tl.float32)
+            l_dir = tl.load(hrow + _H_LDIR, mask=smask, other=0.0)
+            l_mag = tl.load(hrow + _H_LMAG, mask=smask, other=0.0)
+            l_align = tl.load(hrow + _H_LALIGN, mask=smask, other=0.0)
+            mode = tl.load(hrow + _H_MODE, mask=smask, other=0.0)
+            max_norm = tl.load(hrow + _H_MAXNORM, mask=smask, other=1.0)
+            ratio = tl.load(hrow + _H_RATIO, mask=smask, other=1.0)
+            mbeta = tl.load(hrow + _H_MBETA, mask=smask, other=0.0)
+            gr_sign = tl.load(hrow + _H_GRSIGN, mask=smask, other=1.0)
+            alpha_sign = tl.load(hrow + _H_ASIGN, mask=smask, other=1.0)
+            beta_sign = tl.load(hrow + _H_BSIGN, mask=smask, other=1.0)
+            nu_old, nu_flag, nu_addr = _load_nu(nu_ptr, segs_ptr, sidx, smask, SB, NU_MODE)
 
-            bad = ~(_finite(gg) & _finite(rr) & _finite(gr) & _finite(pp))
+            gr = gr_sign * gr_raw
+            bad_stats = ~(_finite(gg) & _finite(rr) & _finite(gr) & _finite(pp))
+
+            # cosine of g and r, scaled: no ng·nr, no gr/rr
+            ng = tl.sqrt_rn(gg)
+            nr = tl.sqrt_rn(rr)
+            has_r = rr > 0
+            both = (gg > 0) & has_r
+            kap_raw = tl.div_rn(tl.div_rn(gr, tl.where(both, ng, 1.0)), tl.where(both, nr, 1.0))
+            kap_raw = tl.where(kap_raw < -1.0, -1.0, tl.where(kap_raw > 1.0, 1.0, kap_raw))
+            kap = tl.where(both, kap_raw, 0.0)
+            conflict = gr < 0
 
             # A. alignment
-            has_r = rr > 0
-            conflict = gr < 0
-            c = tl.where(has_r & conflict, tl.div_rn(-l_align * gr, tl.where(has_r, rr, 1.0)), 0.0)
-            g1g1 = _clamp_min(gg + 2 * c * gr + c * c * rr, 0.0)
-            g1_zero = (c != 0) & (g1g1 <= cancel_tol * gg)
-            g1g1 = tl.where(g1_zero, 0.0, g1g1)
-            g1r = gr + c * rr
+            l3 = tl.where(both & (kap < 0), l_align, 0.0)
+            proj = l3 > 0
+            sin2 = (1 - kap) * (1 + kap)
+            sin2 = tl.where(sin2 <= cancel_tol, 0.0, sin2)
+            t = (1 - l3) * kap
+            q = tl.where(proj, sin2 + t * t, 1.0)
+            g1_zero = q == 0
+            rq = tl.sqrt_rn(q)
 
             # B. direction consistency
-            n1 = tl.sqrt_rn(g1g1)
-            nr = tl.sqrt_rn(rr)
-            ok = has_r & (g1g1 > 0)
-            safe_n1 = tl.where(ok, n1, 1.0)
-            safe_nr = tl.where(ok, nr, 1.0)
-            cos1 = tl.div_rn(g1r, safe_n1 * safe_nr)
+            ok = has_r & (gg > 0) & (q > 0)
+            opc1 = tl.where(proj, tl.div_rn(sin2, tl.where(ok, rq * (rq - t), 1.0)), 1 + kap)
             omd = 1 - l_dir
-            w2 = omd * omd + l_dir * l_dir + 2 * l_dir * omd * cos1
-            blend = ok & (w2 > _BLEND_EPS)
+            dd = 1 - 2 * l_dir
+            w2 = dd * dd + ((2 * l_dir) * omd) * opc1
+            blend = ok & (w2 > blend_tol)
             wn = tl.sqrt_rn(tl.where(blend, w2, 1.0))
             a2 = tl.where(blend, tl.div_rn(omd, wn), 1.0)
-            b2 = tl.where(blend, tl.div_rn(l_dir * safe_n1, safe_nr * wn), 0.0)
-            n2 = n1
+            b = tl.where(blend, tl.div_rn(l_dir, wn), 0.0)
+            bh = b * rq - a2 * (l3 * kap)
+            n2 = ng * rq  # ‖g2‖ = ‖g1‖
 
             # C. magnitude control
-            is_abs = mode == 0
-            is_rel = mode == 1
-            nu_init = nu > 0
-            tau_rel = tl.where(nu_init, ratio * nu, float("inf"))
-            tau_param = ratio * _clamp_min(tl.sqrt_rn(pp), _PARAM_FLOOR)
+            is_abs = mode == _MAG_ABS
+            is_rel = mode == _MAG_REL
+            nu_init = nu_flag != 0
+            tau_rel = tl.where(nu_init, ratio * nu_old, float("inf"))
+            npp = tl.sqrt_rn(pp)
+            tau_param = ratio * tl.where(npp < _PARAM_FLOOR, _PARAM_FLOOR, npp)
             tau = tl.where(is_abs, max_norm, tl.where(is_rel, tau_rel, tau_param))
             over = n2 > tau
-            # (guarding tau too changes no selected value and keeps ∞·0 out of the unselected one)
-            s = tl.where(over, 1 - l_mag * (1 - tl.div_rn(tl.where(over, tau, 0.0), tl.where(over, n2, 1.0))), 1.0)
+            s = tl.where(over, (1 - l_mag) + l_mag * tl.div_rn(tl.where(over, tau, 0.0), tl.where(over, n2, 1.0)),
+                         1.0)
             n3 = s * n2
             finite_tau = _finite(tau)
-            excess = _clamp_min(n2 - tl.where(finite_tau, tau, 0.0), 0.0)
-            mag_pen = tl.where(finite_tau, 0.5 * (excess * excess), 0.0)
+            excess = n2 - tl.where(finite_tau, tau, 0.0)
+            excess = tl.where(excess < 0, 0.0, excess)
+            mag_pen = tl.where(finite_tau, (0.5 * excess) * excess, 0.0)
 
-            nu_start = tl.where(_finite(n2) & (n2 > 0), n2, nu)
-            nu_new = tl.where(is_rel, tl.where(nu_init, mbeta * nu + (1 - mbeta) * n3, nu_start), nu)
-            nu_new = tl.where(skip, nu, nu_new)
+            alpha = tl.where(g1_zero, 0.0, s * a2) * alpha_sign
+            beta = tl.where(g1_zero, 0.0, tl.div_rn(bh * (s * ng), tl.where(has_r, nr, 1.0))) * beta_sign
+            bad = bad_stats | ~_finite(alpha) | ~_finite(beta)
+            any_bad = any_bad | tl.max((smask & bad).to(tl.int32), axis=0)
 
-            alpha = tl.where(g1_zero, 0.0, s * a2)
-            beta = tl.where(g1_zero, 0.0, s * (a2 * c + b2))
-
-            gnorm = tl.sqrt_rn(gg)
-            den = gnorm * nr
-            cos = tl.where(den > 0, tl.div_rn(gr, tl.where(den > 0, den, 1.0)), 0.0)
+            start = _finite(n2) & (n2 > 0)
+            nu_rel = tl.where(nu_init, mbeta * nu_old + (1 - mbeta) * n3, tl.where(start, n2, nu_old))
+            flag_rel = tl.where(nu_init | start, 1.0, 0.0)
 
             o = out_ptr + sidx * _NOUT
-            tl.store(o + 0, alpha, mask=smask)
-            tl.store(o + 1, beta, mask=smask)
-            tl.store(o + 2, nu_new, mask=smask)
-            tl.store(o + 3, gnorm, mask=smask)
-            tl.store(o + 4, nr, mask=smask)
-            tl.store(o + 5, cos, mask=smask)
-            tl.store(o + 6, conflict.to(tl.float32), mask=smask)
-            tl.store(o + 7, n3, mask=smask)
-            tl.store(o + 8, s, mask=smask)
-            tl.store(o + 9, 1 - cos, mask=smask)
-            tl.store(o + 10, mag_pen, mask=smask)
-            tl.store(o + 11, bad.to(tl.float32), mask=smask)
-            tl.store(o + 12, tl.where(skip, 1.0, 0.0) + tl.zeros([SB], dtype=tl.float32), mask=smask)
+            tl.store(o + _O_ALPHA, alpha, mask=smask)
+            tl.store(o + _O_BETA, beta, mask=smask)
+            tl.store(o + _O_NU, tl.where(is_rel, nu_rel, nu_old), mask=smask)
+            tl.store(o + _O_NUINIT, tl.where(is_rel, flag_rel, nu_flag), mask=smask)
+            tl.store(o + _O_GNORM, ng, mask=smask)
+            tl.store(o + _O_RNORM, nr, mask=smask)
+            tl.store(o + _O_COS, kap, mask=smask)
+            tl.store(o + _O_CONFLICT, conflict.to(tl.float32), mask=smask)
+            tl.store(o + _O_UNORM, n3, mask=smask)
+            tl.store(o + _O_SCALE, s, mask=smask)
+            tl.store(o + _O_DIRPEN, 1 - kap, mask=smask)
+            tl.store(o + _O_MAGPEN, mag_pen, mask=smask)
+            tl.store(o + _O_BAD, bad.to(tl.float32), mask=smask)
+
+        # ---- pass 3: the global skip; ν restored (skipped) or written back (relative) -------
+        tl.debug_barrier()
+        skip = any_bad != 0
+        live = any_bad == 0
+        for s0 in range(0, S, SB):
+            sidx = s0 + tl.arange(0, SB)
+            smask = sidx < S
+            o = out_ptr + sidx * _NOUT
+            nu_old, nu_flag, nu_addr = _load_nu(nu_ptr, segs_ptr, sidx, smask, SB, NU_MODE)
+            tl.store(o + _O_NU, nu_old, mask=smask & skip)
+            tl.store(o + _O_NUINIT, nu_flag, mask=smask & skip)
+            if NU_MODE == 2:
+                mode = tl.load(hyper_ptr + sidx * _NHYP + _H_MODE, mask=smask, other=0.0)
+                wb = smask & live & (mode == _MAG_REL) & (nu_addr != 0)
+                p = nu_addr.to(tl.pointer_type(tl.float32))
+                tl.store(p + _N_NU, tl.load(o + _O_NU, mask=wb, other=0.0), mask=wb)
+                tl.store(p + _N_INIT, tl.load(o + _O_NUINIT, mask=wb, other=0.0), mask=wb)
+            tl.store(o + _O_SKIP, tl.where(skip, 1.0, 0.0) + tl.zeros([SB], dtype=tl.float32), mask=smask)
 
 
-def launch_finalize(partials, segs, hyper, nu, red, out, *, nu_mode: int, reduce_only: bool = False) -> None:
+def launch_finalize(partials, segs, hyper, nu, red, out, *, nu_mode: int, reduce_only: bool = False,
+                    max_seg_block: int = MAX_SEG_BLOCK) -> None:
     """Launch 2 (one program): segment sums into ``red`` [S, 4] and, unless ``reduce_only``,
-    guidance.finalize's columns into ``out`` [S, len(OUT_COLS)]."""
+    guidance.finalize's columns into ``out`` [S, len(OUT_COLS)].
+
+    ``nu_mode`` 0: every (ν, initialised) is (0, 0); 1: read from ``nu`` [S, 2]; 2: read through
+    the addresses in ``segs[:, S_NU]`` (each a float32 [2] tensor, ``plan.seg_nus``) and written
+    back there for relative segments unless the step is skipped. ``max_seg_block``: the most
+    segments per tile (a power of two; the tests use large tiles to keep the interpreter fast)."""
     S = segs.shape[0]
     if S == 0:
         return
     count_launch("reduce" if reduce_only else "finalize")
-    cancel_tol = _G.CANCEL_EPS * 1.1920928955078125e-07  # torch.finfo(torch.float32).eps
-    sb = min(MAX_SEG_BLOCK, triton.next_power_of_2(S))
-    _finalize_kernel[(1,)](partials, segs, hyper, nu, red, out, S, cancel_tol,
+    sb = min(max_seg_block, triton.next_power_of_2(S))
+    _finalize_kernel[(1,)](partials, segs, hyper, nu, red, out, S, _G.CANCEL_EPS * _EPS32, _G.BLEND_EPS * _EPS32,
                            SB=sb, KB=FINALIZE_TILE // sb, NU_MODE=nu_mode, REDUCE_ONLY=reduce_only,
                            num_warps=FINALIZE_WARPS, enable_fp_fusion=False)

@@ -13,7 +13,7 @@ from torch.library import register_fake
 
 #: columns of the statistics rows and of the finalize output (sgg_fast.guidance)
 _NUM_STATS = 4
-_NUM_OUT = 13
+_NUM_OUT = 14
 
 
 def num_chunks(numel, chunk_size: int):
@@ -37,6 +37,7 @@ def _segment_sum_fake(partials, seg_offsets):
 
 @register_fake("sgg_fast::sgg_finalize")
 def _finalize_fake(partials, seg_offsets, hyper, nu):
+    # nu (a list of [2] tensors) is mutated in place: nothing to return for it
     return partials.new_empty((seg_offsets.shape[0] - 1, _NUM_OUT))
 
 

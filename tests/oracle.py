@@ -2,6 +2,11 @@
 
 It deliberately does NOT import ``sgg_fast.guidance``: it forms the vectors g1, g2, g3 of
 each segment explicitly (no α/β collapse), in float64, and runs AdamW on g3 per tensor.
+
+The two degenerate cases of DESIGN §1.4b are decided relative to ``eps``, the precision of the
+statistics the backends compute (float32 by default), with the design's constant 16:
+``sin²(g, r) <= 16·eps`` is "g ∥ r" (λ3 = 1 then removes all of g: g1 = 0), and
+``‖w‖² <= 16·eps`` disables the direction blend (g2 = g1).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ class Oracle:
     gradient (or None) per parameter, in group order.
     """
 
-    def __init__(self, groups: list[dict], sources: list[torch.Tensor | None] | None = None):
+    def __init__(self, groups: list[dict], sources: list[torch.Tensor | None] | None = None,
+                 eps: float = 2.0 ** -23):
+        self.tol = 16.0 * eps
         self.groups = [dict(g) for g in groups]
         self.params = [p.detach().to(F64).clone() for g in groups for p in g["params"]]
         self.owner = [gi for gi, g in enumerate(groups) for _ in g["params"]]
@@ -73,12 +80,14 @@ class Oracle:
             # A. alignment
             c = -l3 * gr / rr if (rr > 0 and gr < 0) else 0.0
             g1 = g + c * r
+            if c != 0 and l3 == 1 and 1 - float(gr) ** 2 / (float(gg) * float(rr)) <= self.tol:
+                g1 = torch.zeros_like(g)  # g ∥ r: nothing is left
             # B. direction
             n1, nr = g1.norm(), r.norm()
             g2 = g1
             if rr > 0 and n1 > 0:
                 w = (1 - l1) * g1 / n1 + l1 * r / nr
-                if (w * w).sum() > 1e-12:
+                if (w * w).sum() > self.tol:
                     g2 = n1 * w / w.norm()
             n2 = g2.norm()
             # C. magnitude
@@ -90,7 +99,7 @@ class Oracle:
                     tau = h["mag_ratio"] * self.nu[key]
             else:
                 tau = h["mag_ratio"] * max(math.sqrt(float(pp)), 1e-3)
-            s = 1 - l2 * (1 - tau / float(n2)) if float(n2) > tau else 1.0
+            s = (1 - l2) + l2 * tau / float(n2) if float(n2) > tau else 1.0
             g3 = s * g2
             n3 = g3.norm()
             if h["mag_mode"] == "relative":

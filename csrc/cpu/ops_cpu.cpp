@@ -168,42 +168,62 @@ at::Tensor segment_sum_cpu(const at::Tensor& partials, const at::Tensor& seg_off
   return out;
 }
 
+// Each segment's (ν, initialised) lives in its own float32 [2] tensor (plan.seg_nus): read
+// here and, for mag_mode="relative" segments of a step that is not skipped, written back in
+// place. The math is finalize_row (sgg_common.h), mirrored by guidance.finalize and the Triton
+// _finalize_kernel (kernels/stats.py).
 template <typename T>
 void finalize_t(const at::Tensor& partials, const std::vector<int64_t>& off, const at::Tensor& hyper,
-                const at::Tensor& nu, at::Tensor& out) {
+                const std::vector<float*>& nus, at::Tensor& out) {
   const int64_t S = static_cast<int64_t>(off.size()) - 1;
   std::vector<T> sums(S * NUM_STATS);
   segment_sums<T>(partials, off, sums.data());
   const T* h = hyper.const_data_ptr<T>();
-  const T* n = nu.const_data_ptr<T>();
   T* o = out.data_ptr<T>();
+  std::vector<T> old(S * NUM_NU);
+  for (int64_t s = 0; s < S; ++s)
+    for (int k = 0; k < NUM_NU; ++k) old[s * NUM_NU + k] = static_cast<T>(nus[s][k]);
   bool skip = false;
   for (int64_t s = 0; s < S; ++s)
-    skip |= finalize_row<T>(&sums[s * NUM_STATS], h + s * NUM_HYPER, n[s], o + s * NUM_OUT);
+    skip |= finalize_row<T>(&sums[s * NUM_STATS], h + s * NUM_HYPER, &old[s * NUM_NU], o + s * NUM_OUT);
   for (int64_t s = 0; s < S; ++s) {  // global skip: ν unchanged, the flag in every row
-    if (skip) o[s * NUM_OUT + O_NU] = n[s];
-    o[s * NUM_OUT + O_SKIP] = skip ? T(1) : T(0);
+    T* row = o + s * NUM_OUT;
+    if (skip) {
+      row[O_NU] = old[s * NUM_NU + N_NU];
+      row[O_NUINIT] = old[s * NUM_NU + N_INIT];
+    } else if (h[s * NUM_HYPER + H_MODE] == T(MAG_RELATIVE)) {
+      nus[s][N_NU] = static_cast<float>(row[O_NU]);
+      nus[s][N_INIT] = static_cast<float>(row[O_NUINIT]);
+    }
+    row[O_SKIP] = skip ? T(1) : T(0);
   }
 }
 
 at::Tensor finalize_cpu(const at::Tensor& partials, const at::Tensor& seg_offsets,
-                        const at::Tensor& hyper, const at::Tensor& nu) {
+                        const at::Tensor& hyper, at::TensorList nu) {
   const auto off = read_offsets(partials, seg_offsets);
   const int64_t S = static_cast<int64_t>(off.size()) - 1;
   TORCH_CHECK(hyper.dim() == 2 && hyper.size(0) == S && hyper.size(1) == NUM_HYPER,
-              "hyper must have shape [S, 7] = [", S, ", 7] (guidance.HYPER_COLS), got ",
-              hyper.sizes());
-  TORCH_CHECK(nu.dim() == 1 && nu.size(0) == S, "nu must have shape [S] = [", S, "], got ",
-              nu.sizes());
-  TORCH_CHECK(hyper.device().is_cpu() && nu.device().is_cpu(), "hyper and nu must be on the CPU here");
+              "hyper must have shape [S, ", NUM_HYPER, "] = [", S, ", ", NUM_HYPER,
+              "] (guidance.HYPER_COLS), got ", hyper.sizes());
+  TORCH_CHECK(static_cast<int64_t>(nu.size()) == S, "nu must hold one (norm_ema, initialised) tensor per segment (",
+              S, "), got ", nu.size());
+  TORCH_CHECK(hyper.device().is_cpu(), "hyper must be on the CPU here, got ", hyper.device());
+  std::vector<float*> nus(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const at::Tensor& t = nu[s];
+    TORCH_CHECK(t.numel() == NUM_NU && t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
+                "nu[", s, "] must be a contiguous float32 CPU tensor of 2 elements (norm_ema, initialised), got ",
+                t.sizes(), " ", dtype_name(t.scalar_type()), " on ", t.device());
+    nus[s] = t.data_ptr<float>();
+  }
   const auto dt = partials.scalar_type();
   at::Tensor h = hyper.to(dt).contiguous();
-  at::Tensor n = nu.to(dt).contiguous();
   at::Tensor out = at::empty({S, NUM_OUT}, partials.options());
   if (dt == at::kFloat)
-    finalize_t<float>(partials, off, h, n, out);
+    finalize_t<float>(partials, off, h, nus, out);
   else
-    finalize_t<double>(partials, off, h, n, out);
+    finalize_t<double>(partials, off, h, nus, out);
   return out;
 }
 

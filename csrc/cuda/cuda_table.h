@@ -47,9 +47,10 @@ void launch_stats(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, fl
 template <typename T>
 void launch_segment_sum(const T* partials, const int64_t* seg_offsets, int64_t C, int64_t S, T* sums,
                         cudaStream_t stream);
+// nu: device array of S pointers to each segment's float32 (ν, initialised), updated in place.
 template <typename T>
 void launch_finalize(const T* partials, const int64_t* seg_offsets, int64_t C, const T* hyper,
-                     const T* nu, int64_t S, T* out, cudaStream_t stream);
+                     float* const* nu, int64_t S, T* out, cudaStream_t stream);
 void launch_apply(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, const float* out,
                   unsigned long long* counters, cudaStream_t stream);
 void launch_guide(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, const float* out,

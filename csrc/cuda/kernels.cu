@@ -206,20 +206,32 @@ __global__ void __launch_bounds__(kFinalizeThreads) segment_sum_kernel(const T* 
   });
 }
 
+// finalize_row (sgg_common.h) per segment; mirrors: guidance.finalize (torch), _finalize_kernel
+// (kernels/stats.py, Triton). nu[s] -> the segment's float32 (ν, initialised), written back for
+// mag_mode="relative" segments once the block knows that the step is not skipped.
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const T* partials, const int64_t* off,
-                                                                    int64_t C, const T* hyper, const T* nu,
-                                                                    int64_t S, T* out) {
+                                                                    int64_t C, const T* hyper,
+                                                                    float* const* nu, int64_t S, T* out) {
   int bad = 0;
   for_each_segment_sum<T>(partials, off, C, S, [&](int64_t s, const double (&tot)[4]) {
     const T st[4] = {static_cast<T>(tot[0]), static_cast<T>(tot[1]), static_cast<T>(tot[2]),
                      static_cast<T>(tot[3])};
-    bad |= finalize_row<T>(st, hyper + s * NUM_HYPER, nu[s], out + s * NUM_OUT) ? 1 : 0;
+    const T old[NUM_NU] = {static_cast<T>(nu[s][N_NU]), static_cast<T>(nu[s][N_INIT])};
+    bad |= finalize_row<T>(st, hyper + s * NUM_HYPER, old, out + s * NUM_OUT) ? 1 : 0;
   });
-  const int skip = __syncthreads_or(bad);  // the global skip: any segment's statistics non-finite
+  const int skip = __syncthreads_or(bad);  // the global skip: any segment bad
   for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
-    if (skip) out[s * NUM_OUT + O_NU] = nu[s];
-    out[s * NUM_OUT + O_SKIP] = skip ? T(1) : T(0);
+    T* row = out + s * NUM_OUT;
+    if (skip) {
+      row[O_NU] = static_cast<T>(nu[s][N_NU]);
+      row[O_NUINIT] = static_cast<T>(nu[s][N_INIT]);
+    } else if (hyper[s * NUM_HYPER + H_MODE] == T(MAG_RELATIVE)) {
+      float* dst = nu[s];
+      dst[N_NU] = static_cast<float>(row[O_NU]);
+      dst[N_INIT] = static_cast<float>(row[O_NUINIT]);
+    }
+    row[O_SKIP] = skip ? T(1) : T(0);
   }
 }
 
@@ -370,7 +382,7 @@ void launch_segment_sum(const T* partials, const int64_t* seg_offsets, int64_t C
 
 template <typename T>
 void launch_finalize(const T* partials, const int64_t* seg_offsets, int64_t C, const T* hyper,
-                     const T* nu, int64_t S, T* out, cudaStream_t stream) {
+                     float* const* nu, int64_t S, T* out, cudaStream_t stream) {
   if (S == 0) return;
   finalize_kernel<T><<<1, kFinalizeThreads, 0, stream>>>(partials, seg_offsets, C, hyper, nu, S, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -392,10 +404,10 @@ void launch_guide(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, co
 
 template void launch_segment_sum<float>(const float*, const int64_t*, int64_t, int64_t, float*, cudaStream_t);
 template void launch_segment_sum<double>(const double*, const int64_t*, int64_t, int64_t, double*, cudaStream_t);
-template void launch_finalize<float>(const float*, const int64_t*, int64_t, const float*, const float*, int64_t,
-                                     float*, cudaStream_t);
-template void launch_finalize<double>(const double*, const int64_t*, int64_t, const double*, const double*,
-                                      int64_t, double*, cudaStream_t);
+template void launch_finalize<float>(const float*, const int64_t*, int64_t, const float*,
+                                     float* const*, int64_t, float*, cudaStream_t);
+template void launch_finalize<double>(const double*, const int64_t*, int64_t, const double*,
+                                      float* const*, int64_t, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace sgg_fast

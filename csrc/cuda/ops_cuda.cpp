@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -154,37 +155,83 @@ at::Tensor segment_sum_cuda(const at::Tensor& partials, const at::Tensor& seg_of
   return out;
 }
 
+// The device table of the segments' ν tensors (float* each): built once per list of addresses
+// and cached (plan.seg_nus are the same tensors step after step), so a step uploads nothing.
+// A new table is copied from pinned memory on the current stream (the caching host allocator
+// keeps the staging buffer until the copy is done); never inside a CUDA graph capture.
+float* const* nu_table(at::TensorList nu, const at::Device& dev, cudaStream_t stream) {
+  struct Entry {
+    at::Device dev;
+    std::vector<int64_t> addrs;
+    at::Tensor table;
+  };
+  static std::mutex mu;
+  static auto& cache = *new std::vector<Entry>();  // never destroyed: no CUDA frees at exit
+  constexpr size_t kMaxEntries = 16;
+  std::vector<int64_t> addrs(nu.size());
+  for (size_t s = 0; s < nu.size(); ++s) addrs[s] = as_int(nu[s].data_ptr());
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& e : cache)
+    if (e.dev == dev && e.addrs == addrs) return reinterpret_cast<float* const*>(e.table.data_ptr());
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  TORCH_CHECK(status == cudaStreamCaptureStatusNone,
+              "sgg_fast: the norm_ema tensors of the step changed during CUDA graph capture, so their "
+              "address table would have to be uploaded inside the graph. Run one eager step with the "
+              "same parameters before capturing.");
+  const int64_t S = static_cast<int64_t>(addrs.size());
+  at::Tensor staging = at::empty({S}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::memcpy(staging.data_ptr(), addrs.data(), addrs.size() * sizeof(int64_t));
+  at::Tensor table = at::empty({S}, at::TensorOptions().dtype(at::kLong).device(dev));
+  table.copy_(staging, /*non_blocking=*/true);
+  if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
+  cache.push_back(Entry{dev, std::move(addrs), table});
+  return reinterpret_cast<float* const*>(cache.back().table.data_ptr());
+}
+
+// Each segment's (ν, initialised) is its own float32 [2] tensor (plan.seg_nus): the kernel
+// reads it and, for mag_mode="relative" segments of a step that is not skipped, writes it back.
+// The math is finalize_row (sgg_common.h), mirrored by guidance.finalize and the Triton
+// _finalize_kernel (kernels/stats.py).
 at::Tensor finalize_cuda(const at::Tensor& partials, const at::Tensor& seg_offsets, const at::Tensor& hyper,
-                         const at::Tensor& nu) {
+                         at::TensorList nu) {
   check_partials(partials, seg_offsets);
   const int64_t S = seg_offsets.size(0) - 1, C = partials.size(0);
   TORCH_CHECK(hyper.dim() == 2 && hyper.size(0) == S && hyper.size(1) == NUM_HYPER,
-              "hyper must have shape [S, 7] = [", S, ", 7] (guidance.HYPER_COLS), got ", hyper.sizes());
-  TORCH_CHECK(nu.dim() == 1 && nu.size(0) == S, "nu must have shape [S] = [", S, "], got ", nu.sizes());
-  TORCH_CHECK(hyper.device() == partials.device() && nu.device() == partials.device(),
-              "hyper and nu must be on ", partials.device(), ", got ", hyper.device(), " and ", nu.device());
+              "hyper must have shape [S, ", NUM_HYPER, "] = [", S, ", ", NUM_HYPER,
+              "] (guidance.HYPER_COLS), got ", hyper.sizes());
+  TORCH_CHECK(hyper.device() == partials.device(), "hyper must be on ", partials.device(), ", got ",
+              hyper.device());
+  TORCH_CHECK(static_cast<int64_t>(nu.size()) == S, "nu must hold one (norm_ema, initialised) tensor per segment (",
+              S, "), got ", nu.size());
+  for (int64_t s = 0; s < S; ++s) {
+    const at::Tensor& t = nu[s];
+    TORCH_CHECK(t.numel() == NUM_NU && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.device() == partials.device(),
+                "nu[", s, "] must be a contiguous float32 tensor of 2 elements (norm_ema, initialised) on ",
+                partials.device(), ", got ", t.sizes(), " ", dtype_name(t.scalar_type()), " on ", t.device());
+  }
   c10::cuda::CUDAGuard guard(partials.device());
   const auto dt = partials.scalar_type();
   at::Tensor pc = partials.contiguous();
   at::Tensor h = hyper.to(dt).contiguous();
-  at::Tensor n = nu.to(dt).contiguous();
   at::Tensor out = at::empty({S, NUM_OUT}, partials.options());
+  if (S == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(partials.device().index()).stream();
+  float* const* nus = nu_table(nu, partials.device(), stream);
   if (dt == at::kFloat)
     launch_finalize<float>(pc.const_data_ptr<float>(), seg_offsets.const_data_ptr<int64_t>(), C,
-                           h.const_data_ptr<float>(), n.const_data_ptr<float>(), S, out.data_ptr<float>(),
-                           stream);
+                           h.const_data_ptr<float>(), nus, S, out.data_ptr<float>(), stream);
   else
     launch_finalize<double>(pc.const_data_ptr<double>(), seg_offsets.const_data_ptr<int64_t>(), C,
-                            h.const_data_ptr<double>(), n.const_data_ptr<double>(), S,
-                            out.data_ptr<double>(), stream);
+                            h.const_data_ptr<double>(), nus, S, out.data_ptr<double>(), stream);
   return out;
 }
 
 void check_out_cuda(const at::Tensor& out, const at::Device& dev) {
   TORCH_CHECK(out.dim() == 2 && out.size(1) == NUM_OUT && out.scalar_type() == at::kFloat &&
                   out.is_contiguous() && out.device() == dev,
-              "out must be the contiguous float32 [S, 13] tensor on ", dev,
+              "out must be the contiguous float32 [S, 14] tensor on ", dev,
               " returned by sgg_finalize, got ", out.sizes(), " ", dtype_name(out.scalar_type()), " on ",
               out.device());
 }

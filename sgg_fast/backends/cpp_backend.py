@@ -4,7 +4,8 @@ A step is three op calls whatever the number of tensors (DESIGN §3):
 
 * ``sgg_stats``      per-chunk ``(gg, rr, gr, pp)`` of every tensor → :class:`Partials`;
 * ``sgg_finalize``   per-segment sums in a fixed order, then the math of ``guidance.finalize``
-  (mirrored operation by operation) → ``out [S, 13]`` with the global skip flag;
+  (mirrored operation by operation) → ``out [S, 14]`` with the global skip flag; reads and
+  writes each segment's ``(norm_ema, initialised)`` in ``plan.seg_nus`` in place;
 * ``sgg_adamw_apply`` / ``sgg_guide_apply``   one pass: ``u = α·g + β·r`` in registers, AdamW
   (or the in-place rewrite), step count and the ema reference. The skip flag is read from
   ``out`` inside the op (on the device for CUDA): no host sync.
@@ -20,7 +21,7 @@ import torch
 from .. import _ext
 from ..plan import REF_MOMENTUM, StepPlan
 from . import register
-from .base import Backend, Partials, legacy_nu, store_legacy_nu
+from .base import Backend, Partials
 
 #: Elements per statistics row on CPU. A chunk is one parallel task: 32 Ki fp32 elements of g and
 #: r (256 KiB) take ~10-30 µs to stream, so the per-task cost (~0.1 µs) is noise, a 16 M-element
@@ -183,11 +184,11 @@ class _CompiledBackend(Backend):
         return Partials(sums, list(range(len(partials.offsets))))
 
     def finalize(self, plan: StepPlan, partials: Partials) -> torch.Tensor:
-        dev = partials.values.device
-        out = _ext.ops().sgg_finalize(partials.values, self._seg_offsets(plan, partials),
-                                      plan.hyper(partials.values.dtype), legacy_nu(plan, dev))
-        store_legacy_nu(plan, out)
-        return out
+        """One op: segment sums, guidance.finalize's math (finalize_row in csrc/sgg_common.h),
+        and each relative segment's new (ν, initialised) written into ``plan.seg_nus`` in place
+        unless the step is skipped."""
+        return _ext.ops().sgg_finalize(partials.values, self._seg_offsets(plan, partials), plan.hyper(),
+                                       plan.seg_nus)
 
     def _placeholder(self, plan: StepPlan) -> torch.Tensor:
         """The no-elements tensor standing for "no reference" in the ops' mutable refs list."""

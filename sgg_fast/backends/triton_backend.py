@@ -3,8 +3,9 @@
 One step is three kernel launches whatever the number of tensors (DESIGN §3): statistics (one
 multi-tensor launch, per-chunk partials), finalize (one program: fixed-order segment sums, α, β,
 skip, ν and the stats row) and apply (one multi-tensor launch: guided AdamW, or the in-place
-``g ← α·g + β·r`` of GradientGuidance). ``norm_ema`` is read by finalize and written by apply
-through its address (``owns_norm_ema``), so relative mode adds no launch either.
+``g ← α·g + β·r`` of GradientGuidance). Each segment's ``(norm_ema, initialised)`` (a float32 [2]
+tensor, ``plan.seg_nus``) is read and written back by finalize through its address, so relative
+mode adds no launch either.
 
 Host work per step is O(number of tensors): the addresses of every tensor are collected and
 compared with the cached tables (``plan.cache["triton"]``); only when they changed (e.g. new
@@ -30,7 +31,7 @@ import torch
 from .. import guidance as G
 from ..plan import REF_EMA, REFERENCES, StepPlan, describe
 from . import register
-from .base import Backend, Partials, legacy_nu, store_legacy_nu
+from .base import Backend, Partials
 
 _DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -100,7 +101,7 @@ class TritonBackend(Backend):
     # preferred on CUDA; never picked by "auto" for CPU tensors (the interpreter is for tests)
     auto_priority = {"cuda": 10}
     device_skip = True
-    #: finalize reads plan.norm_emas and apply/guide write them back (the optimizer passes nu=None)
+    #: one flat index walks a parameter, its gradient, state and reference (same strides)
     same_layout = True
 
     @property
@@ -161,13 +162,17 @@ class TritonBackend(Backend):
                            f"of {plan.label(i)} is {describe(t)}, the parameter "
                            f"{describe(plan.params[i])} (use backend='torch')"):
                         return out
-        for what, ts in (("step", plan.steps),):
-            for i, t in enumerate(ts):
-                if t is not None and (t.dtype != torch.float32 or t.numel() != 1
-                                      or t.device != plan.params[i].device):
-                    if add(f"triton keeps state[{what!r}] as a one-element float32 tensor on the "
-                           f"parameter's device; that of {plan.label(i)} is {describe(t)}"):
-                        return out
+        for i, t in enumerate(plan.steps):
+            if t is not None and (t.dtype != torch.float32 or t.numel() != 1
+                                  or t.device != plan.params[i].device):
+                if add(f"triton keeps state['step'] as a one-element float32 tensor on the "
+                       f"parameter's device; that of {plan.label(i)} is {describe(t)}"):
+                    return out
+        for s, t in enumerate(plan.seg_nus):
+            if t.dtype != torch.float32 or t.numel() != 2 or not t.is_contiguous() or t.device != plan.home:
+                if add(f"triton keeps each segment's (norm_ema, initialised) as a contiguous float32 [2] "
+                       f"tensor on {plan.home}; that of segment {plan.segments[s].label} is {describe(t)}"):
+                    return out
         return out
 
     # -- tables ------------------------------------------------------------------------------
@@ -241,9 +246,8 @@ class TritonBackend(Backend):
         else:
             mp = vp = gp
         sp = [t.data_ptr() for t in plan.steps] if has_steps else [0] * P
-        np_ = [0] * P
-        ptrs = (gp, rp, pp, mp, vp, sp, np_)
-        cols = (L.G, L.R, L.P, L.M, L.V, L.STEP, L.NU)
+        ptrs = (gp, rp, pp, mp, vp, sp)
+        cols = (L.G, L.R, L.P, L.M, L.V, L.STEP)
         changed = [k for k in range(len(ptrs)) if tab.ptrs is None or ptrs[k] != tab.ptrs[k]]
         # gradients must match their parameter's shape, dtype and device (build_plan checks it):
         # only their layout is left to check; anything else that moved gets the full check
@@ -318,8 +322,10 @@ class TritonBackend(Backend):
         return row
 
     def _segs(self, plan: StepPlan, tab: _Tables, offsets: list[int], L) -> torch.Tensor:
-        """Segment table for these partial offsets (chunk-level, or reduced: one row per segment)."""
-        key = (tuple(offsets), (0,) * plan.num_segments)
+        """Segment table for these partial offsets (chunk-level, or reduced: one row per segment),
+        with the address of each segment's (norm_ema, initialised) tensor."""
+        nus = plan.seg_nus
+        key = (tuple(offsets), tuple(t.data_ptr() for t in nus))
         segs = tab.segs.get(key)
         if segs is None:
             rows = [[offsets[s], offsets[s + 1], key[1][s]] for s in range(plan.num_segments)]
@@ -352,7 +358,9 @@ class TritonBackend(Backend):
         return Partials(red, list(range(S + 1)))
 
     def finalize(self, plan: StepPlan, partials: Partials) -> torch.Tensor:
-        """α, β, ν, skip and the stats row (one program)."""
+        """α, β, skip and the stats row (guidance.OUT_COLS) in one launch, which reads each
+        segment's (ν, initialised) from ``plan.seg_nus`` and writes the new values back there
+        (relative segments, unless the step is skipped)."""
         kstats, _, L = _kernels()
         tab = self._tables(plan)
         S = plan.num_segments
@@ -361,13 +369,13 @@ class TritonBackend(Backend):
         values = partials.values
         if values.dtype != torch.float32 or not values.is_contiguous():
             values = values.to(torch.float32).contiguous()
-        hyper = plan.hyper(torch.float32).to(device=dev).contiguous()
-        nu_t = legacy_nu(plan, dev).to(torch.float32).contiguous()
+        hyper = plan.hyper()
+        if hyper.dtype != torch.float32 or hyper.device != dev or not hyper.is_contiguous():
+            hyper = hyper.to(device=dev, dtype=torch.float32).contiguous()
         red = torch.empty(S, 4, dtype=torch.float32, device=dev)
         out = torch.empty(S, len(G.OUT_COLS), dtype=torch.float32, device=dev)
         with _on(dev):
-            kstats.launch_finalize(values, segs, hyper, nu_t, red, out, nu_mode=1)
-        store_legacy_nu(plan, out)
+            kstats.launch_finalize(values, segs, hyper, values, red, out, nu_mode=2)
         return out
 
     def apply(self, plan: StepPlan, out: torch.Tensor) -> None:
