@@ -90,8 +90,6 @@ class StepEngine:
         replaced by their local shards first. ``partials``: statistics computed earlier (e.g.
         during backward, as each gradient became final); then the statistics pass is skipped.
         """
-        if any(s.group.get("maximize", False) for s in plan.segments) and "gr_sign" not in G.HYPER_COLS:
-            raise NotImplementedError(f"{self.owner}: maximize=True is not implemented in this build")
         sync = _distributed.prepare(plan, self.process_group, self.owner)
         backend = self.resolve(plan)
         if partials is None:

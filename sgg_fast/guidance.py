@@ -211,8 +211,8 @@ def finalize(stats: torch.Tensor, hyper: torch.Tensor, nu: torch.Tensor) -> torc
     eps = torch.finfo(dt).eps
     hyper = hyper.to(dtype=dt)
     nu = nu.to(dtype=dt)
-    if nu.dim() == 1:  # [S] ν alone: ν > 0 is taken as initialised
-        nu = torch.stack([nu, (nu > 0).to(dt)], dim=1)
+    if nu.dim() != 2 or nu.shape[1] != len(NU_COLS):
+        raise ValueError(f"finalize: nu must have shape [S, {len(NU_COLS)}] (ν, initialised), got {tuple(nu.shape)}")
     gg, rr, gr_raw, pp = stats.unbind(1)
     (l_dir, l_mag, l_align, mode, max_norm, ratio, mbeta,
      gr_sign, alpha_sign, beta_sign) = hyper.unbind(1)

@@ -680,7 +680,7 @@ def test_auto_picks_cpu_for_cpu_tensors():
     p.grad = torch.randn(5)
     opt = SGGAdamW([p])
     opt.step()
-    assert opt._backend_obj.name == "cpu"
+    assert opt._engine._resolved.name == "cpu"
 
 
 def test_failed_build_falls_back_to_torch_and_info_shows_it():
@@ -690,7 +690,7 @@ def test_failed_build_falls_back_to_torch_and_info_shows_it():
             "opt = sgg_fast.SGGAdamW([p])\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always'); opt.step()\n"
-            "assert opt._backend_obj.name == 'torch', opt._backend_obj.name\n"
+            "assert opt._engine._resolved.name == 'torch', opt._engine._resolved.name\n"
             "assert any('C++ extension unavailable' in str(x.message) for x in w), [str(x.message) for x in w]\n"
             "from sgg_fast import info; info.main()\n")
     res = _run(code, env)

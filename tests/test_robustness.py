@@ -204,8 +204,6 @@ def test_running_norm_is_one_value_per_segment(backend):
     assert "norm_ema" not in a.state[p] and "norm_ema" not in a.state[q]
 
 
-@pytest.mark.xfail("norm_ema_init" not in __import__("sgg_fast.guidance").guidance.OUT_COLS, strict=True,
-                   reason="needs the finalize mirrors that read the initialised flag")
 def test_zero_running_norm_is_a_valid_value(backend):
     """mag_beta = 0 and an all-zero gradient: ν becomes 0, and stays *initialised* (it used to
     read as "not initialised" and restart with τ = ∞)."""

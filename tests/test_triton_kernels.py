@@ -419,7 +419,7 @@ def test_reallocated_gradient_at_a_new_address_is_picked_up():
             p.grad, q.grad = g.clone(), g.clone()
         a.step()
         b.step()
-        tab = a._cache["triton"]
+        tab = a._engine.cache["triton"]
         assert tab.ptrs[0] == [p.grad.data_ptr() for p in ps]
         for p, q in zip(ps, qs):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -26,27 +26,6 @@ class Partials:
         return len(self.values) == len(self.offsets) - 1 and self.offsets == list(range(len(self.offsets)))
 
 
-def legacy_nu(plan: StepPlan, device: torch.device) -> torch.Tensor:
-    """``[S]`` ν of each segment for a finalize that reads ``ν <= 0`` as "not initialised"."""
-    if not plan.seg_nus:
-        return torch.zeros(0, device=device)
-    nu = torch.stack([t.to(device) for t in plan.seg_nus])
-    return torch.where(nu[:, 1] > 0, nu[:, 0], torch.zeros_like(nu[:, 0]))
-
-
-def store_legacy_nu(plan: StepPlan, out: torch.Tensor) -> None:
-    """Write the new ν of relative segments back to ``plan.seg_nus`` (unchanged when skipped:
-    finalize then returns the old value)."""
-    from .. import guidance as G
-
-    rel = [s for s, seg in enumerate(plan.segments) if seg.group["mag_mode"] == "relative"]
-    if not rel:
-        return
-    nu = out[:, G.O_NU]
-    new = torch.stack([nu, (nu > 0).to(nu.dtype)], dim=1)
-    torch._foreach_copy_([plan.seg_nus[s] for s in rel], [new[s].to(plan.seg_nus[s].dtype) for s in rel])
-
-
 class Backend:
     """A way to run the three stages of an SGG step.
 

@@ -20,7 +20,7 @@ import torch
 from .. import guidance as G
 from ..plan import REF_EMA, REF_MOMENTUM, StepPlan
 from . import register
-from .base import Backend, Partials, legacy_nu, store_legacy_nu
+from .base import Backend, Partials
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -219,8 +219,15 @@ def finalize(plan: StepPlan, partials: Partials) -> torch.Tensor:
         seg = torch.repeat_interleave(torch.arange(S), lengths).to(values.device)
         red = torch.zeros(S, 4, dtype=values.dtype, device=values.device)
         values = red.index_add_(0, seg, values)
-    out = G.finalize(values, plan.hyper(values.dtype).to(values.device), legacy_nu(plan, values.device))
-    store_legacy_nu(plan, out)
+    dev = values.device
+    nu = (torch.stack([t.to(dev) for t in plan.seg_nus]) if plan.seg_nus
+          else torch.zeros(0, 2, device=dev))
+    out = G.finalize(values, plan.hyper(values.dtype).to(dev), nu.to(values.dtype))
+    if not _skipped(out):
+        rel = [s for s, seg in enumerate(plan.segments) if seg.group["mag_mode"] == "relative"]
+        if rel:
+            new = out[:, G.O_NU:G.O_NUINIT + 1].to(torch.float32)
+            torch._foreach_copy_([plan.seg_nus[s] for s in rel], [new[s] for s in rel])
     return out
 
 
