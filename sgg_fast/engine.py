@@ -56,6 +56,9 @@ class StepEngine:
         self._skip_pending: list[torch.Tensor] = []
         self._host_skips = 0
         self._warned_skip = False
+        #: whether the last step was skipped, when the host knows it without a sync (CPU
+        #: tensors, or a backend that synced for it); None otherwise
+        self.last_host_skip: bool | None = None
 
     # -- backend choice ----------------------------------------------------------------------
     def resolve(self, plan: StepPlan):
@@ -126,10 +129,12 @@ class StepEngine:
         flag = out[0:1, G.O_SKIP]
         if out.device.type == "cpu" or not backend.device_skip:
             # the flag is on the host already (CPU tensors, or a backend that synced for it)
-            if bool(flag.item()):
+            self.last_host_skip = bool(flag.item())
+            if self.last_host_skip:
                 self._host_skips += 1
                 self._warn_skip()
             return
+        self.last_host_skip = None
         self._skip_pending.append(flag)
         if len(self._skip_pending) >= _SKIP_FOLD:
             self._fold()

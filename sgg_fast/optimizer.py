@@ -9,7 +9,6 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed as _distributed
-from . import guidance as G
 from .engine import StepEngine
 from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, StepPlan, build_plan, describe
 from .validation import (GUIDANCE_DEFAULTS, check_reference_shapes, settings_key, validate_adamw,
@@ -313,18 +312,16 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
             group["norm_ema"] = nu if nu is not None else nu_storage_tensor(home)
         return group["norm_ema"]
 
-    def _commit(self, pending: dict, out: torch.Tensor | None) -> None:
-        if not pending:
-            return
-        if out is not None and out.device.type == "cpu" and bool(out[0, G.O_SKIP]):
-            return  # a skipped step leaves no trace, new state included
-        for p, st in pending.items():
-            self.state[p] = st
+    def _commit(self, pending: dict, skipped: bool) -> None:
+        """Store the state made for this step, unless the step was skipped (then it leaves no
+        trace, new state included)."""
+        if not skipped:
+            self.state.update(pending)
 
     def _prepare(self) -> StepPlan:
         """The checked plan of this step with its state attached (tests and tools use it)."""
         plan, pending = self._plan()
-        self._commit(pending, None)
+        self._commit(pending, False)
         return plan
 
     def _plan(self) -> tuple[StepPlan, dict]:
@@ -341,8 +338,8 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         if not plan.params:
             self._engine.idle(plan)
             return loss
-        out = self._engine.run(plan, "apply")
-        self._commit(pending, out)
+        self._engine.run(plan, "apply")
+        self._commit(pending, self._engine.last_host_skip is True)
         return loss
 
     # -- state dict, pickling ------------------------------------------------------------------

@@ -165,7 +165,10 @@ class GradientGuidance(GuidedOptimizerMixin, Optimizer):
         plan = self._prepare()
         if plan.params:
             out = self._engine.run(plan, "guide")
-            if bool(out[0, G.O_SKIP].item()):  # host sync: whether to call the wrapped step
+            skipped = self._engine.last_host_skip
+            if skipped is None:  # host sync: whether to call the wrapped step
+                skipped = bool(out[0, G.O_SKIP].item())
+            if skipped:
                 return loss
         else:
             self._engine.idle(plan)

@@ -58,6 +58,15 @@ def _grads(ps, scale=1.0):
         p.grad = torch.randn_like(p) * scale
 
 
+def _step_both(ref, opt, p, q, steps):
+    """Step ``ref`` (on ``p``) and ``opt`` (on ``q``) with the same random gradients."""
+    for _ in range(steps):
+        g = torch.randn(p.shape)
+        p.grad, q.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+
+
 def _two_group_opt(backend, **kw):
     a, b = _params(), _params()
     opt = SGGAdamW([{"params": a}, {"params": b}], backend=backend, **kw)
@@ -244,11 +253,7 @@ def test_all_lambdas_zero_is_adamw_at_high_beta2(beta2):
     ref = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, beta2), foreach=True)
     opt = SGGAdamW([q], lr=1e-2, betas=(0.9, beta2), backend="torch", lambda_dir=0, lambda_mag=0,
                    lambda_align=0)
-    for _ in range(30):
-        g = torch.randn(64)
-        p.grad, q.grad = g.clone(), g.clone()
-        ref.step()
-        opt.step()
+    _step_both(ref, opt, p, q, 30)
     # identical operations in the same order: equal to the last bit or within a few ulps
     torch.testing.assert_close(q, p, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
 
@@ -283,11 +288,7 @@ def test_tensor_lr_of_any_one_element_shape(backend, shape):
     ref = torch.optim.AdamW([p], lr=torch.tensor(0.01))
     opt = SGGAdamW([q], lr=torch.full(shape, 0.01), backend=backend, lambda_dir=0, lambda_mag=0,
                    lambda_align=0)
-    for _ in range(3):
-        g = torch.randn(10)
-        p.grad, q.grad = g.clone(), g.clone()
-        ref.step()
-        opt.step()
+    _step_both(ref, opt, p, q, 3)
     torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
 
 
