@@ -105,26 +105,64 @@ class Config:
     test_per_class: int = 60    # fixed held-out test split: 300 documents
     val_per_class: int = 30     # validation split for the lr grid: 150 documents
     source_per_class: int = 60  # source-task pool: 300 documents
-    ks: tuple = (4, 8, 16)
-    seeds: tuple = (0, 1, 2, 3, 4)
+    ks: tuple = (1, 2, 4)
+    seeds: tuple = tuple(range(10))
     lr_grid: tuple = (1e-4, 2e-4, 4e-4)
-    select_k: int = 8           # the lr is chosen at this K ...
-    select_seeds: tuple = (100,)  # ... with this seed (not a test seed), on the validation split
+    select_seeds: tuple = (100,)  # the lr is chosen at each K with this seed (not a test seed), on validation
     eval_batch: int = 50
     methods: tuple = tuple(METHODS)
     fixed_lr: float | None = None  # skip the selection and use this lr (the quick mode)
+    #: parts of the plan, in order: the main table, then the λ-sensitivity and reference-choice variants
+    parts: tuple = ("main", "sens", "ref")
+    sens_ks: tuple = (1, 2)
+    ref_ks: tuple = (1,)
 
     def key(self) -> str:
-        """Hash of the settings that change a run's result (not the plan of which runs)."""
+        """Hash of the settings that change a run's result (not the plan of which runs; a method's own
+        settings are hashed into each record as ``spec``)."""
         d = {k: getattr(self, k) for k in ("max_len", "batch", "steps", "test_per_class", "val_per_class",
                                            "source_per_class")}
-        d["methods"] = {m: METHODS[m] for m in self.methods}
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+#: λ-sensitivity: one λ of sgg-all varied over these values, the other two at sgg-all's values
+SENS_VALUES = (0.0, 0.1, 0.2, 0.5, 1.0)
+SENS_LAMBDAS = ("lambda_dir", "lambda_mag", "lambda_align")
+#: reference choice: sgg-all with the optimizer's own reference instead of the source gradient
+REF_CHOICES = ("momentum", "ema")
+
+
+def method_spec(name: str) -> dict:
+    """The settings of a method name: a base method of METHODS, optionally with overrides of its
+    SGGAdamW settings after "@" (``sgg-all@lambda_dir=0.5``, ``sgg-all@reference=ema``)."""
+    base, _, over = name.partition("@")
+    spec = copy.deepcopy(METHODS[base])
+    if over:
+        if spec["kind"] != "sgg":
+            raise ValueError(f"{name}: only SGGAdamW methods take overrides")
+        for kv in over.split(","):
+            k, v = kv.split("=")
+            spec["sgg"][k] = v if k == "reference" else float(v)
+    return spec
+
+
+def spec_key(name: str) -> str:
+    return hashlib.sha1(json.dumps(method_spec(name), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def sens_variants() -> list[str]:
+    """The λ-sensitivity methods (sgg-all's own values are sgg-all itself and are not repeated)."""
+    base = METHODS["sgg-all"]["sgg"]
+    return [f"sgg-all@{lam}={v:g}" for lam in SENS_LAMBDAS for v in SENS_VALUES if v != base[lam]]
+
+
+def base_method(name: str) -> str:
+    return name.partition("@")[0]
 
 
 FULL = Config()
 QUICK = Config(steps=4, test_per_class=20, source_per_class=8, ks=(4,), seeds=(0,), fixed_lr=1e-4,
-               select_seeds=())
+               select_seeds=(), parts=("main",))
 
 
 def log(*a):
@@ -274,11 +312,14 @@ def source_reference(base, data: Data, cfg: Config, cache_dir: Path) -> tuple[di
 def make_optimizer(method: str, model, lr: float, ref_by_name: dict[str, torch.Tensor]):
     from sgg_fast.integrations.transformers import decay_parameter_groups
 
-    spec = METHODS[method]
+    spec = method_spec(method)
     groups = decay_parameter_groups(model, WEIGHT_DECAY)
     refs = {p: ref_by_name.get(n) for n, p in model.named_parameters() if p.requires_grad}
     if spec["kind"] == "sgg":
-        opt = SGGAdamW(groups, lr=lr, weight_decay=WEIGHT_DECAY, reference="source", **spec["sgg"])
+        kw = {"reference": "source", **spec["sgg"]}
+        opt = SGGAdamW(groups, lr=lr, weight_decay=WEIGHT_DECAY, **kw)
+        if kw["reference"] != "source":  # the optimizer's own reference (momentum / ema of the gradient)
+            return opt, refs
     else:  # torch's AdamW; the λ = 0 wrapper leaves the update unchanged and produces the statistics
         opt = GradientGuidance(torch.optim.AdamW(groups, lr=lr, weight_decay=WEIGHT_DECAY),
                                lambda_dir=0.0, lambda_mag=0.0, lambda_align=0.0, reference="source")
@@ -298,7 +339,7 @@ def evaluate(model, data: Data, idx: list[int], bs: int) -> float:
 
 def run_one(method: str, K: int, seed: int, lr: float, split: str, cfg: Config, data: Data, base,
             ref_by_name: dict[str, torch.Tensor]) -> dict:
-    spec = METHODS[method]
+    spec = method_spec(method)
     t_start = time.perf_counter()
     model = fresh_model(base, seed)
     opt, refs = make_optimizer(method, model, lr, ref_by_name)
@@ -334,7 +375,7 @@ def run_one(method: str, K: int, seed: int, lr: float, split: str, cfg: Config, 
         rep["clip_rate"] = float((n > spec["clip"]).double().mean())
     return {
         "phase": "select" if split == "val" else "test", "method": method, "K": K, "seed": seed, "lr": lr,
-        "split": split, "acc": acc, "cfg": cfg.key(),
+        "split": split, "acc": acc, "cfg": cfg.key(), "spec": spec_key(method),
         "final_train_loss": float(torch.stack(losses[-5:]).mean()),
         "step_s_median": float(np.median(times)), "step_s_mean": float(np.mean(times)),
         "run_s": time.perf_counter() - t_start, **{k: rep[k] for k in (
@@ -355,11 +396,11 @@ class Store:
 
     @staticmethod
     def _id(r):
-        return (r["phase"], r["method"], r["K"], r["seed"], float(r["lr"]))
+        return (r["phase"], r["method"], r["K"], r["seed"], float(r["lr"]), r.get("spec"))
 
     def get(self, phase, method, K, seed, lr):
         for r in self.records:
-            if self._id(r) == (phase, method, K, seed, float(lr)):
+            if self._id(r) == (phase, method, K, seed, float(lr), spec_key(method)):
                 return r
         return None
 
@@ -370,23 +411,23 @@ class Store:
             f.write(json.dumps(r) + "\n")
 
 
-def select_lrs(cfg: Config, store: Store, run, deadline: float) -> dict[str, float]:
-    """Per method, the lr of the grid with the best mean validation accuracy (ties: smaller lr)."""
+def select_lrs(cfg: Config, store: Store, run, deadline: float, K: int, methods) -> dict[str, float]:
+    """Per method, the lr of the grid with the best mean validation accuracy at this K (ties: smaller lr)."""
     if cfg.fixed_lr is not None:
-        return {m: cfg.fixed_lr for m in cfg.methods}
+        return {m: cfg.fixed_lr for m in methods}
     chosen = {}
-    for m in cfg.methods:
+    for m in methods:
         best = None
         for lr in cfg.lr_grid:
             accs = []
             for s in cfg.select_seeds:
-                r = store.get("select", m, cfg.select_k, s, lr)
+                r = store.get("select", m, K, s, lr)
                 if r is None:
-                    if time.time() > deadline:
+                    if run is None or time.time() > deadline:
                         raise TimeoutError
-                    r = run(m, cfg.select_k, s, lr, "val")
+                    r = run(m, K, s, lr, "val")
                     store.add(r)
-                    log(f"  select {m:14s} lr={lr:.0e} seed={s}: val acc {r['acc']:.3f} ({r['run_s']:.0f}s)")
+                    log(f"  select {m:14s} K={K} lr={lr:.0e} seed={s}: val acc {r['acc']:.3f} ({r['run_s']:.0f}s)")
                 accs.append(r["acc"])
             score = float(np.mean(accs))
             if best is None or score > best[0] + 1e-12:
@@ -395,9 +436,22 @@ def select_lrs(cfg: Config, store: Store, run, deadline: float) -> dict[str, flo
     return chosen
 
 
+def plan_blocks(cfg: Config) -> list[tuple[str, int, tuple[str, ...]]]:
+    """The plan as (part, K, methods) blocks, run in this order, each seed-major (a cut-off run leaves
+    whole seeds). Variants run at the lr sgg-all chose at that K (they are not re-selected)."""
+    blocks = []
+    if "main" in cfg.parts:
+        blocks += [("main", K, tuple(cfg.methods)) for K in cfg.ks]
+    if "sens" in cfg.parts:
+        blocks += [("sens", K, tuple(sens_variants())) for K in cfg.sens_ks]
+    if "ref" in cfg.parts:
+        blocks += [("ref", K, tuple(f"sgg-all@reference={r}" for r in REF_CHOICES)) for K in cfg.ref_ks]
+    return blocks
+
+
 def run_plan(cfg: Config, out: Path, time_budget_min: float | None) -> tuple[list[dict], dict, list[dict], bool]:
-    """Select the lrs, run the test grid (seed-major, so a cut-off run leaves whole seeds); returns
-    (test records at the chosen lrs, meta, every record of this config, whether the plan finished)."""
+    """Per block of the plan: select the lrs at its K, then run its seeds; returns (test records at the
+    chosen lrs, meta, every record of this config, whether the plan finished)."""
     t0 = time.time()
     deadline = t0 + 60 * time_budget_min if time_budget_min is not None else float("inf")
     torch.manual_seed(0)
@@ -412,30 +466,49 @@ def run_plan(cfg: Config, out: Path, time_budget_min: float | None) -> tuple[lis
     def run(m, K, s, lr, split):
         return run_one(m, K, s, lr, split, cfg, data, base, ref_by_name)
 
+    lrs: dict[int, dict[str, float]] = {}  # K -> method -> lr
+
+    def lrs_at(K, methods, runner, dl):
+        sel = sorted({base_method(m) if "@" not in m else "sgg-all" for m in methods})
+        have = lrs.setdefault(K, {})
+        missing = [m for m in sel if m not in have]
+        if missing:
+            have.update(select_lrs(cfg, store, runner, dl, K, missing))
+        return {m: have[m if "@" not in m else "sgg-all"] for m in methods}
+
     complete = True
-    lrs: dict[str, float] = {}
     try:
-        lrs = select_lrs(cfg, store, run, deadline)
-        log("lr per method: " + ", ".join(f"{m}={lr:.0e}" for m, lr in lrs.items()))
-        for s in cfg.seeds:
-            for K in cfg.ks:
-                for m in cfg.methods:
-                    if store.get("test", m, K, s, lrs[m]) is None:
+        for part, K, methods in plan_blocks(cfg):
+            lr = lrs_at(K, methods, run, deadline)
+            if part == "main":
+                log(f"K={K}: lr per method: " + ", ".join(f"{m}={v:.0e}" for m, v in lr.items()))
+            for s in cfg.seeds:
+                for m in methods:
+                    if store.get("test", m, K, s, lr[m]) is None:
                         if time.time() > deadline:
                             raise TimeoutError
-                        r = run(m, K, s, lrs[m], "test")
+                        r = run(m, K, s, lr[m], "test")
+                        r["part"] = part
                         store.add(r)
                         log(f"  test {m:14s} K={K:2d} seed={s}: acc {r['acc']:.3f}  stab {r['stability']:.3f}  "
                             f"align {r['alignment']:+.3f}  {1000 * r['step_s_median']:.0f} ms/step  ({r['run_s']:.0f}s)")
     except TimeoutError:
         complete = False
         log(f"time budget of {time_budget_min} min reached: reporting the complete (K, seed) blocks")
-    if not lrs and cfg.fixed_lr is None:  # report what the selection chose, if it finished
+    # the report: the lrs of every block whose selection finished (no run is started here)
+    for _part, K, methods in plan_blocks(cfg):
         try:
-            lrs = select_lrs(cfg, store, None, float("-inf"))
+            lrs_at(K, methods, None, float("-inf"))
         except TimeoutError:
             pass
-    tests = [r for r in store.records if r["phase"] == "test" and lrs and float(r["lr"]) == lrs.get(r["method"])]
+    chosen = {(m, K): v for K, d in lrs.items() for m, v in d.items()}
+
+    def lr_of(r):
+        m = r["method"] if "@" not in r["method"] else "sgg-all"
+        return chosen.get((m, r["K"]))
+
+    tests = [r for r in store.records if r["phase"] == "test" and r.get("spec") == spec_key(r["method"])
+             and lr_of(r) is not None and float(r["lr"]) == lr_of(r)]
     meta = {"source": src_info, "lrs": lrs, "wall_min": (time.time() - t0) / 60,
             "run_min": sum(r["run_s"] for r in store.records) / 60, "n_runs": len(store.records)}
     return tests, meta, store.records, complete
@@ -559,7 +632,7 @@ def verdict(summary: dict, methods) -> list[str]:
 def notes(meta: dict, cfg: Config) -> list[str]:
     """How to read the table (partly data-driven)."""
     out = []
-    lrs = meta.get("lrs") or {}
+    lrs = {f"{m}@K={K}": v for K, d in (meta.get("lrs") or {}).items() for m, v in d.items()}
     if cfg.fixed_lr is None and lrs and len(cfg.lr_grid) > 1:
         lo, hi = min(cfg.lr_grid), max(cfg.lr_grid)
         if all(lr == lo for lr in lrs.values()):
@@ -597,9 +670,11 @@ def render(summary: dict, meta: dict, cfg: Config, complete: bool, png_name: str
              + (". **Incomplete run (time budget): only complete (K, seed) blocks are shown.**" if not complete else ".")
              )
     if meta.get("lrs"):
-        how = (f"chosen per method on the validation split at K={cfg.select_k}, seeds {list(cfg.select_seeds)}, "
+        how = (f"chosen per method and K on the validation split, seeds {list(cfg.select_seeds)}, "
                f"from {list(cfg.lr_grid)}" if cfg.fixed_lr is None else "fixed")
-        L.append(f"Learning rates ({how}): " + ", ".join(f"`{m}` {lr:.0e}" for m, lr in meta["lrs"].items()) + ".")
+        L.append(f"Learning rates ({how}): " + "; ".join(
+            f"K={K}: " + ", ".join(f"`{m}` {lr:.0e}" for m, lr in d.items() if m in cfg.methods)
+            for K, d in sorted(meta["lrs"].items())) + ".")
     src = meta.get("source", {})
     if src:
         L.append(f"Source task (λ1/λ3 reference, and the alignment metric for every method): hard vs soft news on "
@@ -733,6 +808,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--ks", type=int, nargs="+", default=None)
     ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    ap.add_argument("--parts", nargs="+", default=None, choices=["main", "sens", "ref"],
+                    help="parts of the plan: the main table, the λ-sensitivity variants, the reference choice")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine 2 threads under load were ~10x "
                          "slower per step than 1, the OpenMP workers spinning)")
@@ -744,6 +821,8 @@ def main(argv=None) -> int:
         cfg.ks = tuple(args.ks)
     if args.methods:
         cfg.methods = tuple(args.methods)
+    if args.parts:
+        cfg.parts = tuple(args.parts)
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = Path(__file__).resolve().parent
@@ -766,7 +845,11 @@ def main(argv=None) -> int:
     log("\n" + body)
     if results:
         write_results_section(results, body)
-        (bench / "fewshot_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_records))
+        # the committed raw runs: this config's records plus those of earlier configs (kept, not rerun)
+        raw = bench / "fewshot_runs.jsonl"
+        old = [r for r in map(json.loads, raw.read_text().splitlines()) if r.get("cfg") != cfg.key()] \
+            if raw.exists() else []
+        raw.write_text("".join(json.dumps(r) + "\n" for r in old + all_records))
         log(f"wrote {results}, {png}, {bench / 'fewshot_runs.jsonl'}")
     if args.quick:
         bad = sanity_check(records, cfg)
