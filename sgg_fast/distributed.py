@@ -363,6 +363,8 @@ def _subplan(plan: StepPlan, idx: list[int], cache: dict) -> tuple[StepPlan, lis
             src = getattr(plan, name)
             if i < len(src):
                 getattr(sub, name).append(src[i])
+    if plan.seg_nus:  # each sub-segment reads its parent's running norm slot
+        sub.seg_nus = [plan.seg_nus[s] for s in parents]
     return sub, parents
 
 
