@@ -539,6 +539,45 @@ def paired_tests(a: list[float], b: list[float]) -> dict:
         out["t_p"] = float(stats.ttest_rel(a, b).pvalue)
     if len(d) >= 1 and np.any(d != 0):
         out["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
+    out["perm_p"] = sign_flip_p(d)
+    out["ci_lo"], out["ci_hi"] = bootstrap_ci(d)
+    return out
+
+
+def sign_flip_p(d, n_random: int = 200_000, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation p of the mean paired difference: exact over all 2^n sign
+    patterns for n <= 16, else from ``n_random`` random patterns (seeded). NaN for n = 0."""
+    d = np.asarray(d, dtype=float)
+    n = len(d)
+    if n == 0:
+        return float("nan")
+    obs = abs(d.mean())
+    if n <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
+    else:
+        signs = np.random.default_rng(seed).choice([-1, 1], size=(n_random, n))
+    means = np.abs((signs * d).mean(1))
+    return float(np.mean(means >= obs - 1e-12))
+
+
+def bootstrap_ci(d, n_boot: int = 20_000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean paired difference (resampling pairs; seeded)."""
+    d = np.asarray(d, dtype=float)
+    if len(d) < 2:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    means = d[idx].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def holm(ps: dict) -> dict:
+    """Holm-Bonferroni adjusted p-values of a family {name: p} (NaNs are left out of the family)."""
+    items = sorted(((p, k) for k, p in ps.items() if math.isfinite(p)))
+    m, out, run = len(items), {k: float("nan") for k in ps}, 0.0
+    for i, (p, k) in enumerate(items):
+        run = max(run, min(1.0, (m - i) * p))
+        out[k] = run
     return out
 
 
@@ -578,7 +617,89 @@ def summarize(records: list[dict], methods, ks) -> dict:
                 continue
             keys = cell[(m, K)]["keys"]
             comps[(m, K)] = {"baseline": best, **paired_tests(cell[(m, K)]["accs"], [ref[k] for k in keys])}
+    # the family of a K: every method compared with that K's best baseline (Holm on the permutation p)
+    for K in list(ks) + ["all"]:
+        fam = {m: c["perm_p"] for (m, k), c in comps.items() if k == K}
+        for m, p in holm(fam).items():
+            comps[(m, K)]["holm_p"] = p
     return {"cell": cell, "comps": comps}
+
+
+def summarize_variants(records: list[dict], cfg: Config) -> dict:
+    """λ-sensitivity and reference-choice variants: per (variant, K) mean/std over seeds and the
+    paired difference to sgg-all (same K and seeds)."""
+    base = {(r["K"], r["seed"]): r["acc"] for r in records if r["method"] == "sgg-all"}
+    out = {}
+    for part, K, methods in plan_blocks(cfg):
+        if part == "main":
+            continue
+        for m in methods:
+            rs = sorted((r for r in records if r["method"] == m and r["K"] == K and (K, r["seed"]) in base),
+                        key=lambda r: r["seed"])
+            if not rs:
+                continue
+            a = [r["acc"] for r in rs]
+            b = [base[(K, r["seed"])] for r in rs]
+            out[(m, K)] = {"part": part, "n": len(rs), "acc_mean": float(np.mean(a)),
+                           "acc_std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0,
+                           "vs_sgg_all": paired_tests(a, b)}
+    return out
+
+
+def render_variants(var: dict) -> list[str]:
+    if not var:
+        return []
+    L = ["Variants of `sgg-all` (its lr at that K; the paired difference is to `sgg-all` on the same seeds, with "
+         "its 95% bootstrap interval and sign-flip permutation p). λ-sensitivity: one λ changed, the other two at "
+         "sgg-all's values (λ1 = 0.2, λ2 = 1, λ3 = 1); reference choice: the optimizer's own reference instead of "
+         "the source-task gradient:", "",
+         "| variant | K | seeds | accuracy (%) | vs `sgg-all` (points) | perm p |", "|---|---|---|---|---|---|"]
+    for (m, K), v in sorted(var.items(), key=lambda kv: (kv[1]["part"], kv[0][1], kv[0][0])):
+        c = v["vs_sgg_all"]
+        L.append(f"| `{m.partition('@')[2]}` | {K} | {v['n']} | {100 * v['acc_mean']:.1f} ± {100 * v['acc_std']:.1f} | "
+                 f"{100 * c['mean_diff']:+.1f} [{100 * c['ci_lo']:+.1f}, {100 * c['ci_hi']:+.1f}] | "
+                 f"{fmt_p(c['perm_p'])} |")
+    return L + [""]
+
+
+def plot_sensitivity(summary: dict, path: Path) -> bool:
+    """One panel per λ: accuracy vs the λ's value at each K (sgg-all's own value from the main table)."""
+    var, cell = summary.get("variants") or {}, summary["cell"]
+    if not any(v["part"] == "sens" for v in var.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), sharey=True)
+    default = METHODS["sgg-all"]["sgg"]
+    for ax, lam in zip(axes, SENS_LAMBDAS):
+        for K in sorted({k for (_m, k) in var}):
+            pts = []
+            for v in SENS_VALUES:
+                if v == default[lam]:
+                    c = cell.get(("sgg-all", K))
+                    c = c and {"acc_mean": c["acc_mean"], "acc_std": c["acc_std"]}
+                else:
+                    c = var.get((f"sgg-all@{lam}={v:g}", K))
+                if c:
+                    pts.append((v, 100 * c["acc_mean"], 100 * c["acc_std"]))
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"K={K}")
+            best = max((cell[(b, K)]["acc_mean"] for b in BASELINES if (b, K) in cell), default=None)
+            if best is not None:
+                ax.axhline(100 * best, linestyle=":", color="gray", linewidth=1)
+        ax.set_title(f"{lam} (others at sgg-all's values)")
+        ax.set_xlabel(lam)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=8, title="dotted: best baseline", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def fmt_p(p: float) -> str:
@@ -696,8 +817,9 @@ def render(summary: dict, meta: dict, cfg: Config, complete: bool, png_name: str
         L.append("| " + " | ".join(row) + " |")
     L.append("")
     L.append("Paired comparisons against the best baseline (by mean test accuracy at that K; `all`: the best per K, "
-             "pairs over every (K, seed)): difference in points, paired t-test p, Wilcoxon signed-rank p, wins/losses "
-             "(with 5 seeds the smallest possible two-sided Wilcoxon p is 0.0625):")
+             "pairs over every (K, seed)): difference in points with its 95% bootstrap interval, two-sided p of the "
+             "sign-flip permutation test (exact up to 16 pairs), the same p Holm-adjusted over the methods compared "
+             "at that K, paired t-test and Wilcoxon signed-rank p, wins/losses:")
     L.append("")
     L.append("| method | " + " | ".join(f"K={K}" for K in ks) + " | all K |")
     L.append("|---|" + "---|" * (len(ks) + 1))
@@ -707,10 +829,12 @@ def render(summary: dict, meta: dict, cfg: Config, complete: bool, png_name: str
         row = [f"`{m}`"]
         for K in ks + ["all"]:
             c = comps.get((m, K))
-            row.append(f"{100 * c['mean_diff']:+.1f} vs `{c['baseline']}` (t {fmt_p(c['t_p'])}, W {fmt_p(c['wilcoxon_p'])}, "
-                       f"{c['wins']}/{c['losses']})" if c else "–")
+            row.append(f"{100 * c['mean_diff']:+.1f} [{100 * c['ci_lo']:+.1f}, {100 * c['ci_hi']:+.1f}] vs "
+                       f"`{c['baseline']}` (perm {fmt_p(c['perm_p'])}, Holm {fmt_p(c.get('holm_p', float('nan')))}, "
+                       f"t {fmt_p(c['t_p'])}, W {fmt_p(c['wilcoxon_p'])}, {c['wins']}/{c['losses']})" if c else "–")
         L.append("| " + " | ".join(row) + " |")
     L.append("")
+    L += render_variants(summary.get("variants") or {})
     L.append("Per-seed test accuracies (%), in seed order:")
     L.append("")
     for m in methods:
@@ -834,9 +958,13 @@ def main(argv=None) -> int:
         (out / "runs.jsonl").unlink(missing_ok=True)
     records, meta, all_records, complete = run_plan(cfg, out, 0.0 if args.report_only else args.time_budget)
     summary = summarize(records, cfg.methods, cfg.ks)
+    summary["variants"] = summarize_variants(records, cfg)
     png = (bench / "fewshot_accuracy.png") if results else (out / "fewshot_accuracy.png")
     plot(summary, cfg, png)
     body = render(summary, meta, cfg, complete, png.name if results else None)
+    sens_png = png.with_name("fewshot_sensitivity.png")
+    if plot_sensitivity(summary, sens_png):
+        body += f"\n\n![λ sensitivity]({sens_png.name})"
     body += (f"\n\nCommand: `nice -n 19 python benchmarks/fewshot.py` (raw runs: `benchmarks/fewshot_runs.jsonl`); "
              f"{meta['n_runs']} runs (lr selection and test) took {meta['run_min']:.0f} min of wall time in all, "
              f"{torch.get_num_threads()} torch thread(s) on a shared {os.cpu_count()}-core machine, "

@@ -70,7 +70,8 @@ def test_summarize_picks_best_baseline_and_pairs_by_seed():
     # pooled over (K, seed), against the best baseline of each K
     assert comps[("sgg-all", "all")]["n"] == 6
     assert comps[("sgg-all", "all")]["mean_diff"] == pytest.approx((0.03 - 0.04) / 2)
-    text = fs.render(out, {"lrs": {m: 1e-4 for m in methods}}, fs.Config(ks=(4, 8), methods=methods), True, None)
+    text = fs.render(out, {"lrs": {K: {m: 1e-4 for m in methods} for K in (4, 8)}},
+                     fs.Config(ks=(4, 8), methods=methods), True, None)
     assert "| `sgg-all` | 74.0 ± 2.0 | 86.0 ± 1.0 |" in text
     assert "**does not hold here** (no significant difference)" in text
 
@@ -97,3 +98,57 @@ def test_batch_schedule_is_epochs_of_the_training_set():
     assert sorted(flat[:20]) == idx and sorted(flat[20:40]) == idx  # whole epochs, each example once
     assert sched == fs.batch_schedule(idx, 8, 10, seed=3, K=4)
     assert sched != fs.batch_schedule(idx, 8, 10, seed=4, K=4)
+
+
+def test_sign_flip_permutation_is_exact_for_small_n():
+    # all 5 differences positive: only the all-plus and all-minus patterns reach |mean|: p = 2/32
+    assert fs.sign_flip_p([0.1, 0.2, 0.05, 0.3, 0.1]) == pytest.approx(2 / 32)
+    # d = (1, -1): every pattern has |mean| 0 or 1 >= 0: p = 1
+    assert fs.sign_flip_p([1.0, -1.0]) == pytest.approx(1.0)
+    # by hand for (3, 1): patterns ++ (2), +- (1), -+ (1), -- (2): |mean| >= 2 in 2 of 4
+    assert fs.sign_flip_p([3.0, 1.0]) == pytest.approx(0.5)
+    assert math.isnan(fs.sign_flip_p([]))
+    # the random branch (n > 16) agrees with the exact value of a symmetric null roughly
+    d = [0.01 * (i % 3 - 1) for i in range(20)]
+    assert fs.sign_flip_p(d) > 0.5
+
+
+def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(0.05, 0.1, 8), rng.normal(0.05, 0.1, 200)
+    lo, hi = fs.bootstrap_ci(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = fs.bootstrap_ci(large)
+    assert (hi2 - lo2) < (hi - lo)
+    assert all(math.isnan(x) for x in fs.bootstrap_ci([0.1]))
+
+
+def test_holm_by_hand():
+    adj = fs.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": float("nan")})
+    # sorted 0.01, 0.03, 0.04 with multipliers 3, 2, 1 and a running maximum
+    assert adj["a"] == pytest.approx(0.03) and adj["c"] == pytest.approx(0.06) and adj["b"] == pytest.approx(0.06)
+    assert math.isnan(adj["d"])
+
+
+def test_method_overrides_and_plan_order():
+    assert fs.method_spec("sgg-all@lambda_dir=0.5")["sgg"] == dict(lambda_dir=0.5, lambda_mag=1.0, lambda_align=1.0)
+    assert fs.method_spec("sgg-all@reference=ema")["sgg"]["reference"] == "ema"
+    assert fs.spec_key("sgg-all") != fs.spec_key("sgg-all@lambda_dir=0.5")
+    with pytest.raises(ValueError):
+        fs.method_spec("adamw@lambda_dir=0.5")
+    sens = fs.sens_variants()
+    assert len(sens) == 12 and "sgg-all@lambda_dir=0.2" not in sens  # sgg-all's own values are sgg-all
+    parts = [(p, K) for p, K, _ in fs.plan_blocks(fs.FULL)]
+    assert parts[:3] == [("main", 1), ("main", 2), ("main", 4)]  # the main table first, K-major
+    assert ("sens", 1) in parts and ("ref", 1) in parts
+
+
+def test_variants_pair_with_sgg_all_on_the_same_seeds():
+    recs = [_rec("sgg-all", 1, s, 0.6 + 0.01 * s) for s in range(4)]
+    recs += [_rec("sgg-all@lambda_dir=0", 1, s, 0.55 + 0.01 * s) for s in range(3)]
+    var = fs.summarize_variants(recs, fs.Config(sens_ks=(1,), ref_ks=()))
+    v = var[("sgg-all@lambda_dir=0", 1)]
+    assert v["n"] == 3 and v["vs_sgg_all"]["mean_diff"] == pytest.approx(-0.05)
+    assert "| `lambda_dir=0` | 1 | 3 |" in "\n".join(fs.render_variants(var))
