@@ -39,7 +39,8 @@ Usage::
     nice -n 19 python benchmarks/fewshot.py     # the full run; writes benchmarks/RESULTS.md (end),
                                                 # benchmarks/fewshot_accuracy.png, fewshot_runs.jsonl
 
-The full run is resumable (finished runs are kept in ``--out``/runs.jsonl); ``--time-budget``
+The full run is resumable (finished runs are kept in ``--out``/runs.jsonl, which a fresh clone seeds from
+the committed ``benchmarks/fewshot_runs.jsonl``); ``--time-budget``
 stops starting new runs after that many minutes and reports the complete (K, seed) blocks.
 """
 
@@ -388,9 +389,14 @@ def run_one(method: str, K: int, seed: int, lr: float, split: str, cfg: Config, 
 class Store:
     """runs.jsonl: one record per finished run; a rerun skips what is there (same cfg key)."""
 
-    def __init__(self, path: Path, cfg_key: str):
+    def __init__(self, path: Path, cfg_key: str, seed_from: Path | None = None):
         self.path, self.key = path, cfg_key
         self.records: list[dict] = []
+        if not path.exists() and seed_from is not None and seed_from.exists():
+            # a fresh clone resumes from the committed raw runs (benchmarks/fewshot_runs.jsonl)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(ln + "\n" for ln in seed_from.read_text().splitlines()
+                                    if json.loads(ln).get("cfg") == cfg_key))
         if path.exists():
             self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("cfg") == cfg_key]
 
@@ -449,7 +455,8 @@ def plan_blocks(cfg: Config) -> list[tuple[str, int, tuple[str, ...]]]:
     return blocks
 
 
-def run_plan(cfg: Config, out: Path, time_budget_min: float | None) -> tuple[list[dict], dict, list[dict], bool]:
+def run_plan(cfg: Config, out: Path, time_budget_min: float | None,
+             seed_from: Path | None = None) -> tuple[list[dict], dict, list[dict], bool]:
     """Per block of the plan: select the lrs at its K, then run its seeds; returns (test records at the
     chosen lrs, meta, every record of this config, whether the plan finished)."""
     t0 = time.time()
@@ -461,7 +468,7 @@ def run_plan(cfg: Config, out: Path, time_budget_min: float | None) -> tuple[lis
     log(f"data: {data.n_docs} docs; test {len(data.split['test'])}, val {len(data.split['val'])}, "
         f"source {len(data.split['source'])}; source head train acc {src_info['source_head_train_acc']:.3f}, "
         f"|source grad| {src_info['source_grad_norm']:.3g}")
-    store = Store(out / "runs.jsonl", cfg.key())
+    store = Store(out / "runs.jsonl", cfg.key(), seed_from)
 
     def run(m, K, s, lr, split):
         return run_one(m, K, s, lr, split, cfg, data, base, ref_by_name)
@@ -956,7 +963,8 @@ def main(argv=None) -> int:
         f"{torch.get_num_threads()} threads, out {out}")
     if args.quick and not args.report_only:  # a smoke run always trains (caches of data stay)
         (out / "runs.jsonl").unlink(missing_ok=True)
-    records, meta, all_records, complete = run_plan(cfg, out, 0.0 if args.report_only else args.time_budget)
+    records, meta, all_records, complete = run_plan(cfg, out, 0.0 if args.report_only else args.time_budget,
+                                                    None if args.quick else bench / "fewshot_runs.jsonl")
     summary = summarize(records, cfg.methods, cfg.ks)
     summary["variants"] = summarize_variants(records, cfg)
     png = (bench / "fewshot_accuracy.png") if results else (out / "fewshot_accuracy.png")
