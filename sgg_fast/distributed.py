@@ -55,9 +55,12 @@ from __future__ import annotations
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 from . import guidance as G
 from .backends.base import Partials
@@ -73,7 +76,7 @@ def _dtensor_type():
     return getattr(mod, "DTensor", None) if mod is not None else None
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     DT = _dtensor_type()
     return DT is not None and isinstance(t, DT)
 
