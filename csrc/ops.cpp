@@ -19,6 +19,8 @@
 namespace sgg_fast {
 namespace cpu {
 const char* cpu_isa();
+int64_t openmp_version();  // _OPENMP of the CPU kernels' translation unit, 0 without OpenMP
+int64_t debug_threads();
 }
 #ifdef SGG_FAST_WITH_CUDA
 namespace cuda {
@@ -38,6 +40,7 @@ std::string fmt(double v) {
 
 std::string build_info() {
   std::string s = "cpu_isa=" + std::string(cpu::cpu_isa());
+  s += ";openmp=" + std::to_string(cpu::openmp_version());
 #ifdef SGG_FAST_WITH_CUDA
   s += ";cuda=1;" + cuda::cuda_build_info();
 #else
@@ -92,6 +95,9 @@ TORCH_LIBRARY(sgg_fast, m) {
       "float[] ref_beta, int[] ref_mode, Tensor(c!)? ws=None, Tensor(d!)? ws_host=None) -> ()");
   // "key=value;..." : the CPU instruction set in use, whether CUDA was compiled in, constants.
   m.def("sgg_build_info() -> str", &sgg_fast::build_info);
+  // Introspection for tests: the number of distinct threads that ran chunks in the last CPU
+  // stats/apply/guide call (1 when the call ran serially).
+  m.def("sgg_cpu_debug_threads() -> int", &sgg_fast::cpu::debug_threads);
 }
 
 // A Python module of the extension's name, so `import sgg_fast._C` works; the ops are
