@@ -82,12 +82,16 @@ TORCH_LIBRARY(sgg_fast, m) {
   // no elements. (The mutable lists take no None: torch.compile's functionalization of a
   // mutable Tensor?[] with None entries fails in torch 2.14.)
   // lr_tensors: [] or one entry per tensor; a tensor entry overrides lr[i] (read on the device).
+  // max_exp_avg_sqs (amsgrad, torch's state name): [] or one entry per tensor; an entry with
+  // elements is that tensor's running maximum of exp_avg_sq (updated, and used in the
+  // denominator), one with no elements means amsgrad=False for that tensor. (The CUDA
+  // implementation accepts only [].)
   m.def(
       "sgg_adamw_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor(e!)[] refs, Tensor out, "
       "int[] seg_index, float[] lr, float[] beta1, float[] beta2, float[] eps, "
       "float[] weight_decay, float[] ref_beta, int[] ref_mode, Tensor?[] lr_tensors, "
-      "Tensor(f!)? ws=None, Tensor(g!)? ws_host=None) -> ()");
+      "Tensor(h!)[] max_exp_avg_sqs, Tensor(f!)? ws=None, Tensor(g!)? ws_host=None) -> ()");
   // GradientGuidance: grads[i] ← α·g + β·r in place; ref_mode 1 (ema) also updates refs[i]
   // with the raw g. Does nothing when out says skip. refs[i] with no elements: r = 0.
   m.def(

@@ -94,11 +94,13 @@ def test_apply_bitwise_for_any_thread_count(threads, dtype):
         refs = [NONE, *_tensors(dtype, 5)[1:]]
         modes = [0, 1, 2, 1, 2]
         steps = [torch.tensor(3.0) for _ in ps]
+        vmax = [t.abs() if i % 2 == 0 else NONE for i, t in enumerate(_tensors(dtype, 6))]  # amsgrad on 0, 2, 4
         P = len(ps)
         ops.sgg_adamw_apply(ps, gs, ms, vs, steps, refs, _out([0.7, 1.1], [-0.2, 0.3]), [0, 1, 1, 0, 1],
-                            [1e-2] * P, [0.9] * P, [0.999] * P, [1e-8] * P, [0.1] * P, [0.9] * P, modes, [])
+                            [1e-2] * P, [0.9] * P, [0.999] * P, [1e-8] * P, [0.1] * P, [0.9] * P, modes, [],
+                            vmax)
         _ran_on(n)
-        res[n] = ps + ms + vs + refs[1:] + steps
+        res[n] = ps + ms + vs + refs[1:] + steps + vmax[::2]
     for a, b, c in zip(res[1], res[2], res[3]):
         assert torch.equal(a, b) and torch.equal(a, c)
 
@@ -106,7 +108,7 @@ def test_apply_bitwise_for_any_thread_count(threads, dtype):
 def _full_steps(n: int, dtype):
     torch.manual_seed(11)
     ps = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
-    opt = SGGAdamW([{"params": ps[:3]}, {"params": ps[3:], "reference": "ema"}], lr=1e-2, lambda_dir=0.3,
+    opt = SGGAdamW([{"params": ps[:3]}, {"params": ps[3:], "reference": "ema", "amsgrad": True}], lr=1e-2, lambda_dir=0.3,
                    lambda_mag=0.8, lambda_align=1.0, backend="cpu")
     for _ in range(3):
         for p in ps:

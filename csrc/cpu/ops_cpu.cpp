@@ -269,6 +269,7 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
                      at::ArrayRef<double> ref_beta, at::IntArrayRef ref_mode,
                      const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                     at::TensorList max_exp_avg_sqs,
                      const std::optional<at::Tensor>& /*ws*/,
                      const std::optional<at::Tensor>& /*ws_host*/) {
   const int64_t P = params.size();
@@ -276,6 +277,10 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                       refs.size(), seg_index.size(), lr.size(), beta1.size(), beta2.size(),
                       eps.size(), weight_decay.size(), ref_beta.size(), ref_mode.size(),
                       lr_tensors.size());
+  const int64_t n_vmax = static_cast<int64_t>(max_exp_avg_sqs.size());
+  TORCH_CHECK(n_vmax == 0 || n_vmax == P,
+              "max_exp_avg_sqs must be empty or have one entry per parameter (a tensor with no "
+              "elements for amsgrad=False), got ", n_vmax, " for ", P, " parameters");
   const OutView ov = check_out(out);
 
   // every check first: nothing is written unless all inputs are valid
@@ -290,6 +295,11 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     check_like(grads[i], "grads", i, p, "params");
     check_like(exp_avgs[i], "exp_avgs", i, p, "params");
     check_like(exp_avg_sqs[i], "exp_avg_sqs", i, p, "params");
+    void* vmax = nullptr;  // an entry with no elements: amsgrad off for this tensor
+    if (n_vmax && max_exp_avg_sqs[i].numel() > 0) {
+      check_like(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, p, "params");
+      vmax = max_exp_avg_sqs[i].data_ptr();
+    }
     const at::Tensor& st = steps[i];
     TORCH_CHECK(st.defined() && st.numel() == 1 && st.scalar_type() == at::kFloat &&
                     st.device().is_cpu(),
@@ -317,6 +327,7 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     k.m = exp_avgs[i].data_ptr();
     k.v = exp_avg_sqs[i].data_ptr();
     k.r = r ? r->data_ptr() : nullptr;
+    k.vmax = vmax;
     k.numel = p.numel();
     k.dtype = to_dtype(p.scalar_type());
     k.ref_mode = static_cast<int32_t>(ref_mode[i]);
