@@ -91,10 +91,11 @@ def _extensions():
         archs = b.parse_archs(CUDA_ARCHS)
         ext = cpp_extension.CUDAExtension(
             "sgg_fast._C", srcs, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": b.nvcc_flags(archs, DEBUG, NVCC_THREADS)})
+            extra_compile_args={"cxx": cxx, "nvcc": b.nvcc_flags(archs, DEBUG, NVCC_THREADS)},
+            extra_link_args=b.ld_flags())
     else:
         ext = cpp_extension.CppExtension("sgg_fast._C", srcs, define_macros=macros,
-                                         extra_compile_args={"cxx": cxx})
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=b.ld_flags())
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -19,6 +19,8 @@
 namespace sgg_fast {
 namespace cpu {
 const char* cpu_isa();
+int64_t openmp_version();  // _OPENMP of the CPU kernels' translation unit, 0 without OpenMP
+int64_t debug_threads();
 }
 #ifdef SGG_FAST_WITH_CUDA
 namespace cuda {
@@ -38,6 +40,7 @@ std::string fmt(double v) {
 
 std::string build_info() {
   std::string s = "cpu_isa=" + std::string(cpu::cpu_isa());
+  s += ";openmp=" + std::to_string(cpu::openmp_version());
 #ifdef SGG_FAST_WITH_CUDA
   s += ";cuda=1;" + cuda::cuda_build_info();
 #else
@@ -79,12 +82,16 @@ TORCH_LIBRARY(sgg_fast, m) {
   // no elements. (The mutable lists take no None: torch.compile's functionalization of a
   // mutable Tensor?[] with None entries fails in torch 2.14.)
   // lr_tensors: [] or one entry per tensor; a tensor entry overrides lr[i] (read on the device).
+  // max_exp_avg_sqs (amsgrad, torch's state name): [] or one entry per tensor; an entry with
+  // elements is that tensor's running maximum of exp_avg_sq (updated, and used in the
+  // denominator), one with no elements means amsgrad=False for that tensor. (The CUDA
+  // implementation accepts only [].)
   m.def(
       "sgg_adamw_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor(e!)[] refs, Tensor out, "
       "int[] seg_index, float[] lr, float[] beta1, float[] beta2, float[] eps, "
       "float[] weight_decay, float[] ref_beta, int[] ref_mode, Tensor?[] lr_tensors, "
-      "Tensor(f!)? ws=None, Tensor(g!)? ws_host=None) -> ()");
+      "Tensor(h!)[] max_exp_avg_sqs, Tensor(f!)? ws=None, Tensor(g!)? ws_host=None) -> ()");
   // GradientGuidance: grads[i] ← α·g + β·r in place; ref_mode 1 (ema) also updates refs[i]
   // with the raw g. Does nothing when out says skip. refs[i] with no elements: r = 0.
   m.def(
@@ -92,6 +99,9 @@ TORCH_LIBRARY(sgg_fast, m) {
       "float[] ref_beta, int[] ref_mode, Tensor(c!)? ws=None, Tensor(d!)? ws_host=None) -> ()");
   // "key=value;..." : the CPU instruction set in use, whether CUDA was compiled in, constants.
   m.def("sgg_build_info() -> str", &sgg_fast::build_info);
+  // Introspection for tests: the number of distinct threads that ran chunks in the last CPU
+  // stats/apply/guide call (1 when the call ran serially).
+  m.def("sgg_cpu_debug_threads() -> int", &sgg_fast::cpu::debug_threads);
 }
 
 // A Python module of the extension's name, so `import sgg_fast._C` works; the ops are

@@ -52,15 +52,55 @@ def source_hash(root: str) -> str:
 
 
 # ---- flags -----------------------------------------------------------------------------------
+def torch_uses_openmp() -> bool:
+    """Whether torch's CPU parallel backend is OpenMP (``ATen parallel backend: OpenMP``), i.e.
+    ``at::parallel_for`` is the header template built on ``#pragma omp parallel`` and only runs
+    threads in a translation unit compiled with OpenMP. (With the native thread pool it calls
+    into libtorch and needs no flags.)"""
+    import torch
+
+    return bool(torch.backends.openmp.is_available())
+
+
+def openmp_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for OpenMP, the way torch's own C++ code generation
+    (torch._inductor.cpp_builder._get_openmp_args) builds CPU kernels on Linux: ``-fopenmp``
+    for gcc and clang, linked against ``libgomp``, the runtime torch ships and has already
+    loaded (torch/lib/libgomp.so.1), so there is one OpenMP thread pool in the process. Empty
+    when torch does not use OpenMP, on Windows (MSVC) and on macOS (Apple clang has no
+    -fopenmp; torch's macOS wheels use the native thread pool)."""
+    if platform.system() not in ("Linux", "FreeBSD") or not torch_uses_openmp():
+        return [], []
+    return ["-fopenmp"], ["-fopenmp", "-lgomp"]
+
+
 def cxx_flags(debug: bool = False) -> list[str]:
     # -ffp-contract=off: no a*b+c → fma contraction, so finalize rounds operation by operation
     # exactly like guidance.finalize's torch ops (and the vector and tail paths agree bitwise)
     flags = ["-O0", "-g"] if debug else ["-O3"]
-    flags += ["-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-psabi",
-              "-Wno-maybe-uninitialized"]
+    flags += ["-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-Wno-maybe-uninitialized"]
+    flags += openmp_flags()[0]
     if platform.system() != "Windows":
         flags += ["-fvisibility=hidden"]
+        flags += torch_system_includes()
     return flags
+
+
+def torch_system_includes() -> list[str]:
+    """torch's header directories as system headers (``-isystem``; gcc then ignores the ``-I``
+    that torch.utils.cpp_extension adds for the same directory). torch builds itself with
+    -Wno-unknown-pragmas and its at::vec headers hold ``#pragma unroll`` / ``#pragma clang``
+    lines that gcc would warn about in every kernel file. Warnings stay on for csrc/ itself;
+    that OpenMP is on where torch's parallel_for needs it is checked by an ``#error`` in
+    csrc/cpu/ops_cpu.cpp, not by a warning."""
+    from torch.utils import cpp_extension
+
+    return [f"-isystem{d}" for d in cpp_extension.include_paths()]
+
+
+def ld_flags() -> list[str]:
+    """Link flags of the extension (ahead-of-time and JIT builds alike)."""
+    return openmp_flags()[1]
 
 
 def nvcc_flags(archs: list[str], debug: bool = False, threads: int = 2) -> list[str]:

@@ -134,6 +134,7 @@ def _jit_build() -> None:
         name=name,
         sources=_build.sources(root, with_cuda),
         extra_cflags=_build.cxx_flags(debug) + defines,
+        extra_ldflags=_build.ld_flags(),
         with_cuda=with_cuda,
         is_python_module=False,
         build_directory=build_dir,

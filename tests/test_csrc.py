@@ -396,7 +396,7 @@ def _call_apply(d, out, lr_tensors=()):
     ws, wsh = _ws(len(d["params"]), d["params"][0].device)
     ops.sgg_adamw_apply(d["params"], d["grads"], d["m"], d["v"], d["steps"], d["refs"], out, d["seg"],
                         d["lr"], d["b1"], d["b2"], d["eps"], d["wd"], d["rb"], d["mode"], list(lr_tensors),
-                        ws, wsh)
+                        [], ws, wsh)
 
 
 def _check_apply(device, dtype, seed):
@@ -589,7 +589,7 @@ def test_dense_non_contiguous_parameters_work():
 # ---- torch.compile / fake implementations ------------------------------------------------------
 def _sample_apply_args(d, out):
     return (d["params"], d["grads"], d["m"], d["v"], d["steps"], d["refs"], out, d["seg"], d["lr"], d["b1"],
-            d["b2"], d["eps"], d["wd"], d["rb"], d["mode"], [])
+            d["b2"], d["eps"], d["wd"], d["rb"], d["mode"], [], [])
 
 
 def test_opcheck_all_ops():
@@ -634,7 +634,7 @@ def test_torch_compile_traces_a_full_step():
         off = torch.tensor([0, counts[0], counts[0] + counts[1], sum(counts)], dtype=torch.int64)
         out = ops.sgg_finalize(part, off, hyper, x["nus"])
         ops.sgg_adamw_apply(x["params"], x["grads"], x["m"], x["v"], x["steps"], x["refs"], out, x["seg"],
-                            x["lr"], x["b1"], x["b2"], x["eps"], x["wd"], x["rb"], x["mode"], [])
+                            x["lr"], x["b1"], x["b2"], x["eps"], x["wd"], x["rb"], x["mode"], [], [])
         return out
 
     want = step(d)
@@ -825,7 +825,7 @@ def test_cuda_tensor_over_2_31_elements():
     step = torch.zeros((), device="cuda")
     out = _out([1.0], [0.0], device="cuda")
     ops.sgg_adamw_apply([p], [g], [m], [v], [step], [torch.empty(0, device="cuda")], out, [0], [0.1], [0.9], [0.999], [1e-8], [0.0],
-                        [0.9], [0], [], *_ws(1, "cuda"))
+                        [0.9], [0], [], [], *_ws(1, "cuda"))
     assert float(step) == 1.0
     assert float(p[0]) == float(p[-1]) != 0.0 and float(m[-1]) == float(m[0])
     assert int((p == 0).sum()) == 0

@@ -184,27 +184,31 @@ struct ApplyVecs {
 //   ema:  r ← ref_beta·r + (1 - ref_beta)·g          (raw g; after u is formed)
 //   m ← β1·m + (1-β1)·u;   v ← β2·v + (1-β2)·u²
 //   p ← p·(1 - lr·wd);     p ← p - step_size · m / (√v / √(1-β2^t) + eps)
-template <int MODE>
-inline void adamw_vec(const ApplyVecs& k, const Vec& g, Vec& r, Vec& m, Vec& v, Vec& p) {
+//   amsgrad: vm ← max(vm, v) (NaN-propagating, like torch.maximum) and vm replaces v in the
+//   denominator
+template <int MODE, bool AMS>
+inline void adamw_vec(const ApplyVecs& k, const Vec& g, Vec& r, Vec& m, Vec& v, Vec& vm, Vec& p) {
   const Vec rr = MODE == REF_MOMENTUM ? m : r;
   const Vec u = k.alpha * g + k.beta * rr;
   if (MODE == REF_EMA) r = k.rbeta * r + k.omrb * g;
   m = k.b1 * m + k.omb1 * u;
   v = k.b2 * v + k.omb2 * (u * u);
+  if (AMS) vm = at::vec::maximum(vm, v);
   p = p * k.decay;
-  p = p - (k.step_size * m) / (v.sqrt() / k.bc2_sqrt + k.eps);
+  p = p - (k.step_size * m) / ((AMS ? vm : v).sqrt() / k.bc2_sqrt + k.eps);
 }
 
-template <typename T, int MODE>
+template <typename T, int MODE, bool AMS>
 void apply_t(const ApplyTask& t, int64_t begin, int64_t end) {
   T* P = static_cast<T*>(t.p) + begin;
   const T* G = static_cast<const T*>(t.g) + begin;
   T* M = static_cast<T*>(t.m) + begin;
   T* V = static_cast<T*>(t.v) + begin;
   T* R = MODE == REF_MOMENTUM ? nullptr : static_cast<T*>(t.r) + begin;
+  T* VM = AMS ? static_cast<T*>(t.vmax) + begin : nullptr;
   const ApplyVecs k(t);
   const int64_t n = end - begin;
-  Vec g0, g1, r0(0.f), r1(0.f), m0, m1, v0, v1, p0, p1;
+  Vec g0, g1, r0(0.f), r1(0.f), m0, m1, v0, v1, vm0(0.f), vm1(0.f), p0, p1;
   int64_t i = 0;
   for (; i + W2 <= n; i += W2) {
     IO<T>::load(G + i, g0, g1);
@@ -212,9 +216,11 @@ void apply_t(const ApplyTask& t, int64_t begin, int64_t end) {
     IO<T>::load(V + i, v0, v1);
     IO<T>::load(P + i, p0, p1);
     if (MODE != REF_MOMENTUM) IO<T>::load(R + i, r0, r1);
-    adamw_vec<MODE>(k, g0, r0, m0, v0, p0);
-    adamw_vec<MODE>(k, g1, r1, m1, v1, p1);
+    if (AMS) IO<T>::load(VM + i, vm0, vm1);
+    adamw_vec<MODE, AMS>(k, g0, r0, m0, v0, vm0, p0);
+    adamw_vec<MODE, AMS>(k, g1, r1, m1, v1, vm1, p1);
     if (MODE == REF_EMA) IO<T>::store(R + i, r0, r1);
+    if (AMS) IO<T>::store(VM + i, vm0, vm1);
     IO<T>::store(M + i, m0, m1);
     IO<T>::store(V + i, v0, v1);
     IO<T>::store(P + i, p0, p1);
@@ -226,22 +232,30 @@ void apply_t(const ApplyTask& t, int64_t begin, int64_t end) {
     IO<T>::load_n(V + i, c, v0, v1);
     IO<T>::load_n(P + i, c, p0, p1);
     if (MODE != REF_MOMENTUM) IO<T>::load_n(R + i, c, r0, r1);
-    adamw_vec<MODE>(k, g0, r0, m0, v0, p0);
-    adamw_vec<MODE>(k, g1, r1, m1, v1, p1);
+    if (AMS) IO<T>::load_n(VM + i, c, vm0, vm1);
+    adamw_vec<MODE, AMS>(k, g0, r0, m0, v0, vm0, p0);
+    adamw_vec<MODE, AMS>(k, g1, r1, m1, v1, vm1, p1);
     if (MODE == REF_EMA) IO<T>::store_n(R + i, c, r0, r1);
+    if (AMS) IO<T>::store_n(VM + i, c, vm0, vm1);
     IO<T>::store_n(M + i, c, m0, m1);
     IO<T>::store_n(V + i, c, v0, v1);
     IO<T>::store_n(P + i, c, p0, p1);
   }
 }
 
+template <typename T, bool AMS>
+void apply_mode(const ApplyTask& t, int64_t begin, int64_t end) {
+  switch (t.ref_mode) {
+    case REF_MOMENTUM: return apply_t<T, REF_MOMENTUM, AMS>(t, begin, end);
+    case REF_EMA: return apply_t<T, REF_EMA, AMS>(t, begin, end);
+    default: return apply_t<T, REF_SOURCE, AMS>(t, begin, end);
+  }
+}
+
 template <typename T>
 void apply_dt(const ApplyTask& t, int64_t begin, int64_t end) {
-  switch (t.ref_mode) {
-    case REF_MOMENTUM: return apply_t<T, REF_MOMENTUM>(t, begin, end);
-    case REF_EMA: return apply_t<T, REF_EMA>(t, begin, end);
-    default: return apply_t<T, REF_SOURCE>(t, begin, end);
-  }
+  if (t.vmax) return apply_mode<T, true>(t, begin, end);
+  return apply_mode<T, false>(t, begin, end);
 }
 
 void apply(const ApplyTask& t, int64_t begin, int64_t end) {

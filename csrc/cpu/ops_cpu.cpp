@@ -4,12 +4,14 @@
 // at::parallel_for. A chunk's statistics depend only on its elements (never on which thread ran
 // it or how the range was split), and chunks are summed in index order by sgg_finalize, so the
 // result is bitwise identical for any number of threads.
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +21,12 @@
 #include "../checks.h"
 #include "../sgg_common.h"
 #include "kernels.h"
+
+// With torch's OpenMP backend at::parallel_for is a header template around `#pragma omp
+// parallel`: compiled without OpenMP it silently runs every loop on one thread.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "torch uses OpenMP (AT_PARALLEL_OPENMP): compile csrc/cpu with -fopenmp (sgg_fast/_build.py openmp_flags)"
+#endif
 
 namespace sgg_fast {
 namespace cpu {
@@ -68,12 +76,19 @@ std::vector<int64_t> chunk_prefix(const std::vector<int64_t>& numels, int64_t ch
   return pre;
 }
 
+// Distinct threads that ran chunks in the last for_each_chunk call (sgg_cpu_debug_threads).
+std::atomic<int64_t> g_last_threads{0};
+
 // Run fn(tensor, chunk, begin, end) for every chunk [0, pre.back()) in parallel.
 template <typename F>
 void for_each_chunk(const std::vector<int64_t>& pre, const std::vector<int64_t>& numels,
                     int64_t chunk, const F& fn) {
   const int64_t C = pre.back();
+  // one byte per thread of the pool, set once per task range (not per chunk) by its thread
+  std::vector<unsigned char> ran(static_cast<size_t>(std::max(1, at::get_num_threads())), 0);
   at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+    const size_t tid = static_cast<size_t>(at::get_thread_num());
+    if (tid < ran.size()) ran[tid] = 1;
     int64_t t = std::upper_bound(pre.begin(), pre.end(), cb) - pre.begin() - 1;
     for (int64_t c = cb; c < ce; ++c) {
       while (c >= pre[t + 1]) ++t;
@@ -81,6 +96,7 @@ void for_each_chunk(const std::vector<int64_t>& pre, const std::vector<int64_t>&
       fn(t, c, begin, std::min(begin + chunk, numels[t]));
     }
   });
+  g_last_threads.store(std::count(ran.begin(), ran.end(), 1), std::memory_order_relaxed);
 }
 
 // ---- sgg_stats -----------------------------------------------------------------------------
@@ -253,6 +269,7 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
                      at::ArrayRef<double> ref_beta, at::IntArrayRef ref_mode,
                      const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                     at::TensorList max_exp_avg_sqs,
                      const std::optional<at::Tensor>& /*ws*/,
                      const std::optional<at::Tensor>& /*ws_host*/) {
   const int64_t P = params.size();
@@ -260,6 +277,10 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                       refs.size(), seg_index.size(), lr.size(), beta1.size(), beta2.size(),
                       eps.size(), weight_decay.size(), ref_beta.size(), ref_mode.size(),
                       lr_tensors.size());
+  const int64_t n_vmax = static_cast<int64_t>(max_exp_avg_sqs.size());
+  TORCH_CHECK(n_vmax == 0 || n_vmax == P,
+              "max_exp_avg_sqs must be empty or have one entry per parameter (a tensor with no "
+              "elements for amsgrad=False), got ", n_vmax, " for ", P, " parameters");
   const OutView ov = check_out(out);
 
   // every check first: nothing is written unless all inputs are valid
@@ -274,6 +295,11 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     check_like(grads[i], "grads", i, p, "params");
     check_like(exp_avgs[i], "exp_avgs", i, p, "params");
     check_like(exp_avg_sqs[i], "exp_avg_sqs", i, p, "params");
+    void* vmax = nullptr;  // an entry with no elements: amsgrad off for this tensor
+    if (n_vmax && max_exp_avg_sqs[i].numel() > 0) {
+      check_like(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, p, "params");
+      vmax = max_exp_avg_sqs[i].data_ptr();
+    }
     const at::Tensor& st = steps[i];
     TORCH_CHECK(st.defined() && st.numel() == 1 && st.scalar_type() == at::kFloat &&
                     st.device().is_cpu(),
@@ -301,6 +327,7 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     k.m = exp_avgs[i].data_ptr();
     k.v = exp_avg_sqs[i].data_ptr();
     k.r = r ? r->data_ptr() : nullptr;
+    k.vmax = vmax;
     k.numel = p.numel();
     k.dtype = to_dtype(p.scalar_type());
     k.ref_mode = static_cast<int32_t>(ref_mode[i]);
@@ -376,6 +403,14 @@ void guide_apply_cpu(at::TensorList grads, at::TensorList refs,
 }  // namespace
 
 const char* cpu_isa() { return kernels().isa; }
+
+#ifdef _OPENMP
+int64_t openmp_version() { return _OPENMP; }
+#else
+int64_t openmp_version() { return 0; }
+#endif
+
+int64_t debug_threads() { return g_last_threads.load(std::memory_order_relaxed); }
 
 }  // namespace cpu
 }  // namespace sgg_fast

@@ -244,8 +244,12 @@ void adamw_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
                       at::ArrayRef<double> weight_decay, at::ArrayRef<double> ref_beta,
                       at::IntArrayRef ref_mode, const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                      at::TensorList max_exp_avg_sqs,
                       const std::optional<at::Tensor>& ws, const std::optional<at::Tensor>& ws_host) {
   const int64_t P = params.size();
+  TORCH_CHECK(max_exp_avg_sqs.empty(),
+              "amsgrad (max_exp_avg_sqs) is not implemented by the CUDA sgg_adamw_apply; pass [] "
+              "(SGGAdamW falls back to backend='torch' for amsgrad=True on CUDA)");
   check_apply_lengths(P, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), steps.size(), refs.size(),
                       seg_index.size(), lr.size(), beta1.size(), beta2.size(), eps.size(),
                       weight_decay.size(), ref_beta.size(), ref_mode.size(), lr_tensors.size());

@@ -200,10 +200,13 @@ class _CompiledBackend(Backend):
         h = self._apply_lists(plan)
         none = self._placeholder(plan)
         refs = [none if m == REF_MOMENTUM else r for m, r in zip(h["ref_mode"], plan.refs)]
+        # amsgrad: one entry per tensor (the placeholder where the group has amsgrad=False), or []
+        vmax = plan.max_exp_avg_sqs
+        vmax = [none if t is None else t for t in vmax] if any(t is not None for t in vmax) else []
         ws, ws_host = self._ws(plan, "apply")
         ops.sgg_adamw_apply(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.steps, refs,
                             out, plan.seg_of_param, h["lr"], h["beta1"], h["beta2"], h["eps"],
-                            h["weight_decay"], h["ref_beta"], h["ref_mode"], h["lr_tensors"], ws, ws_host)
+                            h["weight_decay"], h["ref_beta"], h["ref_mode"], h["lr_tensors"], vmax, ws, ws_host)
 
     def guide(self, plan: StepPlan, out: torch.Tensor) -> None:
         ops = _ext.ops()
@@ -223,6 +226,7 @@ class CpuBackend(_CompiledBackend):
     # before torch (100) for CPU tensors
     auto_priority = {"cpu": 50}
     _stats_chunk = CPU_STATS_CHUNK
+    amsgrad = True
 
 
 class CudaBackend(_CompiledBackend):
