@@ -1,138 +1,219 @@
 #!/usr/bin/env bash
-# One script for a lent GPU (an H200: torch 2.11+cu130, triton 3.6, nvcc 13.0, Python 3.12, no
+# One script for a lent GPU (an H200: torch 2.11+cu130, triton 3.6, nvcc 13.0, python3, no
 # network, nothing to pip install). Run from the repository root of a plain checkout:
 #
-#     OUT=/some/folder bash benchmarks/gpu_check.sh
+#     OUT=/some/folder bash benchmarks/gpu_check.sh          # the check (≤ GPU_CHECK_BUDGET s)
+#     GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh       # preconditions only, no GPU needed
 #
-# 1. builds the C++/CUDA extension in place (python setup.py build_ext --inplace) when the
-#    checkout has csrc sources; a missing or failing build is reported, not fatal;
-# 2. pytest -m cuda tests   (the triton/cuda/cpu backends' GPU tests);
-# 3. the benchmark table: a >= 1B-parameter bf16 list (Llama-3.2-1B shapes) with the compiled
-#    eager SGG row, then a smaller one (SmolLM2-135M shapes, fp32 + bf16);
-# 4. if time is left and transformers is installed: profile_finetune.py on a Llama-1B config;
-# and writes $OUT/report.md (+ the CSVs, PNGs, logs), printing a short summary table last.
-# Every stage is time-boxed so the whole run stays under GPU_CHECK_BUDGET seconds (default 570).
+# Stages, in order, each time-boxed (the sum of the boxes is checked against the budget):
+#   env      interpreter with torch (python3 first), a CUDA device, nvcc
+#   build    python3 setup.py build_ext --inplace, timed (CUDA kernels for sm_90 forced); then the
+#            in-place sgg_fast._C must load without a JIT fallback and carry CUDA kernels
+#   tests    pytest -m cuda tests: a failure, an error, a skip or nothing collected fails it
+#   bench    benchmarks.run tables without torch.compile (1B bf16, then 135M fp32+bf16); rows are
+#            appended to the report as each finishes; a table without a finite SGGAdamW[cuda] and
+#            SGGAdamW[triton] row fails it
+#   compile  the torch.compile(eager SGG) rows last, each in its own time box
+# Results: exactly two files under $OUT: report.md (written as the stages finish) and
+# gpu_check_logs.tar.gz (logs, CSVs, PNGs; re-packed after every stage). The exit status is
+# non-zero when any stage failed or its backend was unavailable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY="${GPU_CHECK_DRY_RUN:-0}"
+[ "$DRY" = 0 ] && DRY="" || DRY=1
 OUT="${OUT:-benchmarks/out/gpu}"
-mkdir -p "$OUT"
-BUDGET="${GPU_CHECK_BUDGET:-570}"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
-# overridable for a dry run of the script's plumbing on a CPU machine:
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_BIG=1M GPU_CHECK_SMALL=1M OUT=/tmp/g bash benchmarks/gpu_check.sh
-DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+BUDGET="${GPU_CHECK_BUDGET:-565}"
 BIG="${GPU_CHECK_BIG:-1B}"
 SMALL="${GPU_CHECK_SMALL:-135M}"
 T0=$(date +%s)
+# time boxes (seconds); their sum must fit in BUDGET with PACK_S spare for packing and summary
+ENV_S=20 BUILD_S=150 TESTS_S=120 BIG_S=110 SMALL_S=70 COMPILE_S=80 PACK_S=15
+RESULT_FILES=2
+FAILED=()
+fail() { FAILED+=("$1"); echo "== FAILED: $1"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-# stage_timeout WANT RESERVE: WANT seconds, or what is left minus RESERVE for the later stages
-stage_timeout() { local l; l=$(( $(left) - $2 )); (( l < $1 )) && echo $(( l > 10 ? l : 10 )) || echo "$1"; }
+# box WANT: WANT seconds, or what is left minus PACK_S when less (never under 5)
+box() { local l=$(( $(left) - PACK_S )); (( l < $1 )) && echo $(( l > 5 ? l : 5 )) || echo "$1"; }
+
+# -- interpreter: $PYTHON, else python3, else python, else the checkout's .venv (make); it must import torch
+PY=""
+for cand in ${PYTHON:-} python3 python .venv/bin/python; do
+  c=$(command -v "$cand" 2>/dev/null) || continue
+  if "$c" -c "import torch" >/dev/null 2>&1; then PY="$c"; break; fi
+  [ -n "${PYTHON:-}" ] && [ "$cand" = "$PYTHON" ] && break  # an explicit PYTHON is not replaced
+done
+
+if [ -n "$DRY" ]; then
+  # -------- dry run: every stage's preconditions, no GPU work --------------------------------
+  echo "gpu_check.sh: dry run (GPU_CHECK_DRY_RUN=1): preconditions only, nothing is built or timed"
+  [ -n "$PY" ] && echo "interpreter: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__)'))" \
+    || fail "interpreter: none of ${PYTHON:-} python3 python imports torch"
+  srcs=$(ls csrc/cuda/*.cu csrc/cuda/*.cpp csrc/*.cpp 2>/dev/null | wc -l)
+  if [ -f setup.py ] && [ -f csrc/cuda/kernels.cu ] && (( srcs >= 3 )); then
+    echo "build: $srcs csrc sources; command: SGG_FAST_FORCE_CUDA=1 SGG_FAST_CUDA_ARCHS=90 $PY setup.py build_ext --inplace (box ${BUILD_S}s)"
+  else
+    fail "build: setup.py or csrc/cuda/kernels.cu missing ($srcs csrc sources)"
+  fi
+  command -v nvcc >/dev/null || [ -n "${CUDA_HOME:-}" ] && echo "nvcc: $(command -v nvcc || echo "$CUDA_HOME/bin/nvcc")" \
+    || echo "nvcc: not found here (the GPU machine has it; the build stage fails without it)"
+  if [ -n "$PY" ]; then
+    n=$(PYTHONPATH="$PWD" "$PY" -m pytest -q --collect-only -m cuda tests -p no:cacheprovider 2>/dev/null \
+        | grep -cE '::')
+    (( n > 0 )) && echo "tests: pytest -m cuda tests: $n tests selected (box ${TESTS_S}s)" \
+      || fail "tests: pytest -m cuda collected nothing"
+    if PYTHONPATH="$PWD" "$PY" -c "
+import sys
+from benchmarks import workloads
+for s in sys.argv[1:]:
+    sh = workloads.parse_size(s); print(f'table: {s}: {sh.numel/1e6:.0f}M parameters')
+" "$BIG" "$SMALL"; then
+      echo "tables: $BIG bf16 (box ${BIG_S}s), $SMALL fp32+bf16 (box ${SMALL_S}s), then torch.compile $BIG bf16 momentum (box ${COMPILE_S}s), ema if time is left"
+    else
+      fail "tables: benchmarks.workloads cannot plan sizes $BIG / $SMALL"
+    fi
+  fi
+  total=$(( ENV_S + BUILD_S + TESTS_S + BIG_S + SMALL_S + COMPILE_S + PACK_S ))
+  (( total <= BUDGET )) && echo "budget: stage boxes sum to ${total}s ≤ ${BUDGET}s" \
+    || fail "budget: stage boxes sum to ${total}s > ${BUDGET}s"
+  echo "result files: $RESULT_FILES (report.md, gpu_check_logs.tar.gz under \$OUT=$OUT)"
+  if (( ${#FAILED[@]} )); then echo "dry run: ${#FAILED[@]} precondition(s) failed"; exit 1; fi
+  echo "dry run: all preconditions hold"; exit 0
+fi
+
+# -------- the real run --------------------------------------------------------------------------
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")   # logs live here, packed into one archive
 REPORT="$OUT/report.md"
+ARCHIVE="$OUT/gpu_check_logs.tar.gz"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export KINETO_LOG_LEVEL=5 PYTHONUNBUFFERED=1
+pack() { tar -czf "$ARCHIVE.tmp" -C "$WORK" . 2>/dev/null && mv -f "$ARCHIVE.tmp" "$ARCHIVE"; }
+section() { printf '\n## %s\n\n' "$1" >> "$REPORT"; }
 
-{
-  echo "# sgg_fast GPU check — $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo
-  echo '```'
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | head -3
-  "$PY" - <<'EOF' 2>&1
-import importlib.metadata as md, platform, torch
-v = lambda d: (md.version(d) if __import__("importlib").util.find_spec(d.replace("-", "_")) else "not installed")
-print(f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}  "
-      f"triton {v('triton')}  transformers {v('transformers')}")
+echo "# sgg_fast GPU check — $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$REPORT"
+section "env"
+HAVE_CUDA=0
+if [ -z "$PY" ]; then
+  fail "env: none of ${PYTHON:-} python3 python imports torch"
+else
+  { echo '```'; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
+    timeout "$(box $ENV_S)" "$PY" - <<'EOF' 2>&1
+import importlib.metadata as md, importlib.util, platform, torch
+v = lambda d: md.version(d) if importlib.util.find_spec(d) else "not installed"
+print(f"{platform.python_version()=} {torch.__version__=} {torch.version.cuda=} triton {v('triton')}")
 print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
 EOF
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo '```'
-  echo
-} > "$REPORT"
-
-# -- 1. extension ------------------------------------------------------------------------------
-BUILD="not attempted"
-if ls csrc/*/*.cu csrc/*.cu csrc/*/*.cpp csrc/*.cpp >/dev/null 2>&1; then
-  if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
-    # nvcc may be a wrapper script (exec /usr/local/cuda-X/bin/nvcc): take the real folder
-    real=$(grep -o '/[^ ]*/bin/nvcc' "$(command -v nvcc)" 2>/dev/null | head -1)
-    CUDA_HOME=$(dirname "$(dirname "${real:-$(readlink -f "$(command -v nvcc)")}")")
-    export CUDA_HOME
-  fi
-  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  t=$(stage_timeout 200 330)
-  echo "== build_ext --inplace (CUDA_HOME=${CUDA_HOME:-unset}, timeout ${t}s)"
-  if timeout "$t" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-    BUILD="built in place"
+    echo '```'; } >> "$REPORT"
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    HAVE_CUDA=1
   else
-    BUILD="FAILED or timed out (exit $?) — see build.log; the other backends still run"
+    fail "env: torch.cuda.is_available() is False ($PY)"
   fi
-else
-  BUILD="no csrc sources in this checkout: skipped"
 fi
-echo "== extension: $BUILD"
-{ echo "## 1. C++/CUDA extension"; echo; echo "$BUILD"; echo;
-  echo '```'; "$PY" -m sgg_fast.info 2>&1 | tail -20; echo '```'; echo; } >> "$REPORT"
+echo "${FAILED[*]:-ok}" >> "$REPORT"
 
-# -- 2. GPU tests ------------------------------------------------------------------------------
-t=$(stage_timeout 150 280)
-echo "== pytest -m cuda tests (timeout ${t}s)"
-if "$PY" -c "import pytest" >/dev/null 2>&1; then
-  timeout "$t" "$PY" -m pytest -q -m cuda tests -p no:cacheprovider -rfEs > "$OUT/pytest_cuda.log" 2>&1
+if (( HAVE_CUDA )); then
+  # -- build --------------------------------------------------------------------------------------
+  section "build"
+  t=$(box $BUILD_S); b0=$(date +%s)
+  echo "== build_ext --inplace (box ${t}s)"
+  if SGG_FAST_FORCE_CUDA=1 SGG_FAST_CUDA_ARCHS="${SGG_FAST_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      timeout "$t" "$PY" setup.py build_ext --inplace > "$WORK/build.log" 2>&1; then
+    echo "built in $(( $(date +%s) - b0 )) s" >> "$REPORT"
+  else
+    fail "build: setup.py build_ext --inplace exited $? after $(( $(date +%s) - b0 )) s (build.log)"
+    tail -15 "$WORK/build.log" | sed 's/^/    /' >> "$REPORT"
+  fi
+  # the in-place build must be what loads: no JIT fallback
+  if SGG_FAST_NO_JIT=1 "$PY" -c "
+from sgg_fast import _ext
+import sys
+ok = _ext.load() and _ext.how() == 'prebuilt' and _ext.has_cuda_kernels()
+print(_ext.status_line() if hasattr(_ext, 'status_line') else _ext.info())
+sys.exit(0 if ok else 1)" >> "$WORK/build.log" 2>&1; then
+    echo "sgg_fast._C loads (prebuilt, CUDA kernels present)" >> "$REPORT"
+  else
+    fail "build: sgg_fast._C does not load with CUDA kernels (SGG_FAST_NO_JIT=1)"
+  fi
+  pack
+
+  # -- tests --------------------------------------------------------------------------------------
+  section "pytest -m cuda"
+  t=$(box $TESTS_S)
+  echo "== pytest -m cuda tests (box ${t}s)"
+  SGG_FAST_NO_JIT=1 timeout "$t" "$PY" -m pytest -q -m cuda tests -p no:cacheprovider -rfEs \
+    > "$WORK/pytest_cuda.log" 2>&1
   rc=$?
-else
-  echo "pytest is not installed for $PY" > "$OUT/pytest_cuda.log"
-  rc=127
-fi
-case $rc in
-  0) TESTS="passed" ;;
-  5) TESTS="no test marked cuda was collected (no GPU backend merged yet?)" ;;
-  124) TESTS="TIMED OUT after ${t}s" ;;
-  127) TESTS="NOT RUN: pytest is not installed on this machine" ;;
-  *) TESTS="FAILED (exit $rc)" ;;
-esac
-TESTLINE=$(grep -E '(passed|failed|error|no tests ran)' "$OUT/pytest_cuda.log" | tail -1)
-echo "== tests: $TESTS — $TESTLINE"
-{ echo "## 2. pytest -m cuda tests: $TESTS"; echo; echo '```'; tail -40 "$OUT/pytest_cuda.log"; echo '```'; echo; } >> "$REPORT"
+  line=$(grep -E '[0-9]+ (passed|failed|error|skipped)|no tests ran' "$WORK/pytest_cuda.log" | tail -1)
+  { echo "exit $rc: $line"; echo '```'; grep -E '^(FAILED|ERROR|SKIPPED)' "$WORK/pytest_cuda.log" | head -30; echo '```'; } >> "$REPORT"
+  if (( rc != 0 )); then fail "tests: pytest -m cuda exit $rc ($line)"
+  elif grep -qE '[0-9]+ skipped' <<< "$line"; then fail "tests: cuda tests skipped ($line)"; fi
+  pack
 
-# -- 3. benchmark tables -----------------------------------------------------------------------
-run_bench() {  # tag want_seconds reserve args...
-  local tag=$1 want=$2 reserve=$3; shift 3
-  local t; t=$(stage_timeout "$want" "$reserve")
-  echo "== benchmarks.run $* (deadline $((t - 40))s, timeout ${t}s)"
-  timeout "$t" "$PY" -m benchmarks.run --device "$DEVICE" --out "$OUT" --tag "$tag" --deadline $((t - 40)) "$@" \
-      > "$OUT/$tag.stdout" 2> "$OUT/$tag.log"
-  local rc=$?
-  { echo "## 3. benchmark $tag (exit $rc)"; echo;
-    if [ -s "$OUT/$tag.md" ]; then cat "$OUT/$tag.md"; else echo '```'; tail -30 "$OUT/$tag.log"; echo '```'; fi
-    echo; } >> "$REPORT"
-}
-run_bench bench_big_bf16 230 110 --size "$BIG" --dtype bf16 --compile --compile-refs momentum
-run_bench bench_small 120 20 --size "$SMALL" --dtype fp32,bf16 --no-compile
+  # -- benchmark tables, then compile rows, each in its own box --------------------------------------
+  bench() {  # tag box need_sgg args...
+    local tag=$1 want=$2 need=$3; shift 3
+    local t; t=$(box "$want")
+    section "benchmark $tag"
+    if (( $(left) - PACK_S < 20 )); then fail "bench $tag: no time left"; return; fi
+    echo "== benchmarks.run $* (box ${t}s)"
+    SGG_FAST_NO_JIT=1 timeout "$t" "$PY" -m benchmarks.run --device cuda --out "$WORK" --tag "$tag" \
+        --deadline $(( t - 25 )) --progress "$WORK/$tag.rows.md" "$@" > "$WORK/$tag.stdout" 2> "$WORK/$tag.log"
+    local rc=$?
+    if [ -s "$WORK/$tag.md" ]; then cat "$WORK/$tag.md" >> "$REPORT"
+    else { echo "rows that finished before exit $rc:"; echo; cat "$WORK/$tag.rows.md" 2>/dev/null;
+           echo '```'; tail -15 "$WORK/$tag.log"; echo '```'; } >> "$REPORT"; fi
+    (( rc == 0 )) || fail "bench $tag: exit $rc"
+    if [ "$need" = sgg ]; then
+      for b in cuda triton; do
+        grep -qE "^\| SGGAdamW\[$b\] [a-z]+ \| [0-9]" "$WORK/$tag.rows.md" 2>/dev/null \
+          || fail "bench $tag: no timed SGGAdamW[$b] row (backend unavailable or failed; $tag.log)"
+      done
+    else
+      grep -qE '^\| torch.compile\(eager SGG\) [a-z]+ \| [0-9]' "$WORK/$tag.rows.md" 2>/dev/null \
+        || fail "bench $tag: the torch.compile row did not finish ($tag.log)"
+    fi
+    pack
+  }
+  bench "big_bf16" $BIG_S sgg --size "$BIG" --dtype bf16 --no-compile
+  bench "small" $SMALL_S sgg --size "$SMALL" --dtype fp32,bf16 --no-compile
+  bench "compile_momentum" $COMPILE_S compiled --size "$BIG" --dtype bf16 --compile --compile-refs momentum \
+      --rows '^torch\.compile'
+  if (( $(left) - PACK_S > COMPILE_S )); then
+    bench "compile_ema" $COMPILE_S compiled --size "$BIG" --dtype bf16 --compile --compile-refs ema --rows '^torch\.compile'
+  else
+    section "benchmark compile_ema"; echo "not run: $(left) s left" >> "$REPORT"
+  fi
 
-# -- 4. optional: fine-tuning profile on a Llama-1B config -------------------------------------
-if [ "$DEVICE" = cuda ] && (( $(left) > 100 )) && "$PY" -c "import transformers" >/dev/null 2>&1; then
-  t=$(stage_timeout 90 10)
-  echo "== profile_finetune --config llama-1b (timeout ${t}s)"
-  timeout "$t" "$PY" benchmarks/profile_finetune.py --config llama-1b --dtype bf16 --batch 4 --seq 512 \
-      --steps 3 --out "$OUT/profile" > "$OUT/profile.stdout" 2> "$OUT/profile.log"
-  { echo "## 4. fine-tuning profile (exit $?)"; echo; cat "$OUT/profile/summary.md" 2>/dev/null \
-      || tail -20 "$OUT/profile.log"; echo; } >> "$REPORT"
-else
-  echo "== profile_finetune skipped ($(left)s left or transformers missing)"
-  echo "## 4. fine-tuning profile: skipped ($(left) s left, or transformers not installed)" >> "$REPORT"
-fi
-
-# -- summary (last) ----------------------------------------------------------------------------
-echo "== done in $(( $(date +%s) - T0 ))s; report: $REPORT"
-"$PY" - "$OUT" "$BUILD" "$TESTS" "$TESTLINE" <<'EOF'
+  # -- summary: SGG rows against fused AdamW and the compiled rows of the other runs ------------------
+  section "summary"
+  "$PY" - "$WORK" >> "$REPORT" 2>&1 <<'EOF'
 import csv, glob, math, os, sys
-out, build, tests, testline = sys.argv[1:5]
-print(f"\nextension: {build}\ntests (-m cuda): {tests} {testline}\n")
-hdr = f"{'size':>5} {'dtype':>5} {'step':<40} {'ms':>9} {'GB/s':>7} {'%copy':>6} {'xAdamW':>7} {'vsEager':>8} {'vsComp':>7}"
-print(hdr); print("-" * len(hdr))
-f = lambda v, p: "—" if v in ("", "nan") or not math.isfinite(float(v)) else f"{float(v):.{p}f}"
-for path in sorted(glob.glob(os.path.join(out, "bench_*.csv"))):
-    for r in csv.DictReader(open(path)):
-        print(f"{r['size']:>5} {r['dtype']:>5} {r['row'][:40]:<40} {f(r['ms'],2):>9} {f(r['gbs'],0):>7} "
-              f"{f(r['pct_copy'],0):>6} {f(r['x_fused_adamw'],2):>7} {f(r['speedup_vs_eager'],2):>8} "
-              f"{f(r['speedup_vs_compiled'],2):>7}" + (f"  {r['note'][:50]}" if r['note'] else ""))
+rows = [r for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.csv"))) for r in csv.DictReader(open(p))]
+ms = lambda r: float(r["ms"]) if r["ms"] not in ("", "nan") else math.nan
+comp = {(r["size"], r["dtype"], r["reference"]): ms(r) for r in rows if r["kind"] == "compiled"}
+print("| size | dtype | step | ms | % copy | × AdamW(fused) | vs eager | vs compiled (other run) |")
+print("|---|---|---|---:|---:|---:|---:|---:|")
+for r in rows:
+    if r["kind"] != "sgg":
+        continue
+    c = comp.get((r["size"], r["dtype"], r["reference"]), math.nan)
+    print(f"| {r['size']} | {r['dtype']} | {r['row']} | {ms(r):.3f} | {float(r['pct_copy']):.0f} | "
+          f"{float(r['x_fused_adamw']):.2f} | {float(r['speedup_vs_eager']):.2f} | {c / ms(r):.2f} |")
 EOF
+fi
+
+if (( ! HAVE_CUDA )); then
+  section "build, tests, benchmarks"; echo "not run: no CUDA device (every one of them needs it)" >> "$REPORT"
+fi
+section "result"
+if (( ${#FAILED[@]} )); then
+  { echo "**FAILED** (${#FAILED[@]}):"; printf -- '- %s\n' "${FAILED[@]}"; } >> "$REPORT"
+else
+  echo "all stages passed" >> "$REPORT"
+fi
+echo "done in $(( $(date +%s) - T0 )) s" >> "$REPORT"
+cp "$REPORT" "$WORK/report.md"; pack; rm -rf "$WORK"
+echo "== report: $REPORT; archive: $ARCHIVE; $(( $(date +%s) - T0 )) s"
+if (( ${#FAILED[@]} )); then printf '== FAILED: %s\n' "${FAILED[@]}"; exit 1; fi
+exit 0

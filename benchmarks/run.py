@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tag", default="bench", help="file name stem in --out")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--title", default=None, help="heading of the markdown block")
+    ap.add_argument("--progress", default=None, metavar="FILE",
+                    help="append one markdown row per step row to FILE as soon as it is timed (or "
+                    "skipped/failed), so a run killed by a time box keeps the rows it finished")
     return ap.parse_args(argv)
 
 
@@ -137,6 +140,7 @@ def run_config(size: str, dtype_name: str, device: torch.device, args, pbar=None
             if late:
                 res.note = late
                 notes.append(f"{row.name} at {size} {dtype_name}: {late}")
+                _progress(args, res)
                 if pbar is not None:
                     pbar.update(1)
                 continue
@@ -153,6 +157,7 @@ def run_config(size: str, dtype_name: str, device: torch.device, args, pbar=None
             finally:
                 del opt
                 _free(device)
+                _progress(args, res)
             if pbar is not None:
                 pbar.update(1)
     for res in out:
@@ -193,6 +198,21 @@ def _start(row, res: Result, groups, device, notes):
         _failed(row, res, e, notes)
         _free(device)
         return None
+
+
+def _progress(args, res: Result) -> None:
+    """With --progress FILE: append this row (ms, p20-p80, model GB/s, note) to FILE now."""
+    path = getattr(args, "progress", None)
+    if not path:
+        return
+    new = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new:
+            f.write("| step | ms (median) | p20–p80 | GB/s | note | size | dtype |\n|---|---:|---:|---:|---|---|---|\n")
+        gbs = res.model_gb / (res.ms * 1e-3) if math.isfinite(res.ms) and res.ms > 0 else math.nan
+        f.write(f"| {res.row} | {_f(res.ms, '.3f')} | {_f(res.p20, '.3f')}–{_f(res.p80, '.3f')} | "
+                f"{_f(gbs, '.1f')} | {res.note} | {res.size} | {res.dtype} |\n")
+        f.flush()
 
 
 def _past_deadline(args, row) -> str | None:
@@ -265,6 +285,7 @@ def _run_interleaved(rows, out, groups, device, args, warmup, min_time, notes, p
                 res.note = (res.note + "; " if res.note else "") + f"memory not measured: {e}"
         if pbar is not None:
             pbar.update(1)
+        _progress(args, res)
     live.clear()
     _free(device)
 

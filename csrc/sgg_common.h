@@ -5,8 +5,9 @@
 //    compares them);
 //  * finalize_row(): the scalar math of DESIGN §1 A-C for one segment, written operation by
 //    operation in the same order as guidance.finalize() and the Triton _finalize_kernel
-//    (kernels/stats.py) so that all three round identically (the extension is compiled with
-//    -ffp-contract=off / --fmad=false for that reason);
+//    (kernels/stats.py) so that all three round identically (the C++ code is compiled with
+//    -ffp-contract=off; in CUDA code the products that feed an addition are mul_nc, which nvcc
+//    never contracts into an FMA, so the rest of the CUDA code may use FMA);
 //  * the chunk counting rule shared with the Python adapter.
 //
 // This header is plain C++ (and CUDA when compiled by nvcc): no ATen includes.
@@ -62,6 +63,23 @@ SGG_HD bool sgg_isfinite(T x) {
   return std::isfinite(x);
 }
 
+// a·b rounded on its own: never contracted with a following addition into an FMA (CUDA:
+// __fmul_rn/__dmul_rn, which nvcc does not fuse; C++: -ffp-contract=off already forbids it)
+SGG_HD float mul_nc(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+SGG_HD double mul_nc(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // max(x, lo) that propagates NaN like torch.clamp_min
 template <typename T>
 SGG_HD T clamp_min_nan(T x, T lo) {
@@ -76,7 +94,8 @@ SGG_HD T clamp_min_nan(T x, T lo) {
 // The math and its scaled form: the docstring of sgg_fast/guidance.py. Mirrors:
 // guidance.finalize (torch) and _finalize_kernel (kernels/stats.py, Triton): line by line the
 // same operations in the same order and precision T (IEEE sqrt and division, no FMA
-// contraction: -ffp-contract=off / --fmad=false), so that all three round identically.
+// contraction: every product that feeds an addition is mul_nc), so that all three round
+// identically.
 // (torch.where evaluates both branches; an unselected NaN never reaches the output, so the
 // ternaries below select the same values.)
 template <typename T>
@@ -107,10 +126,10 @@ SGG_HD bool finalize_row(const T* st, const T* h, const T* nu, T* out) {
   // A. alignment
   const T l3 = (both && (kap < zero)) ? l_align : zero;
   const bool proj = l3 > zero;
-  T sin2 = (one - kap) * (one + kap);
+  T sin2 = mul_nc(one - kap, one + kap);
   sin2 = sin2 <= T(CANCEL_EPS) * eps ? zero : sin2;
-  const T t = (one - l3) * kap;
-  const T q = proj ? sin2 + t * t : one;
+  const T t = mul_nc(one - l3, kap);
+  const T q = proj ? sin2 + mul_nc(t, t) : one;
   const bool g1_zero = q == zero;
   const T rq = std::sqrt(q);
 
@@ -118,14 +137,14 @@ SGG_HD bool finalize_row(const T* st, const T* h, const T* nu, T* out) {
   const bool ok = has_r && (gg > zero) && (q > zero);
   const T opc1 = proj ? sin2 / (ok ? rq * (rq - t) : one) : one + kap;
   const T omd = one - l_dir;
-  const T dd = one - T(2) * l_dir;
-  const T w2 = dd * dd + ((T(2) * l_dir) * omd) * opc1;
+  const T dd = one - mul_nc(T(2), l_dir);
+  const T w2 = mul_nc(dd, dd) + mul_nc((T(2) * l_dir) * omd, opc1);
   const bool blend = ok && (w2 > T(BLEND_EPS) * eps);
   const T wn = std::sqrt(blend ? w2 : one);
   const T a2 = blend ? omd / wn : one;
   const T b = blend ? l_dir / wn : zero;
-  const T bh = b * rq - a2 * (l3 * kap);
-  const T n2 = ng * rq;  // ‖g2‖ = ‖g1‖
+  const T bh = mul_nc(b, rq) - mul_nc(a2, l3 * kap);
+  const T n2 = mul_nc(ng, rq);  // ‖g2‖ = ‖g1‖
 
   // C. magnitude control
   const bool is_abs = mode == T(MAG_ABSOLUTE);
@@ -136,7 +155,7 @@ SGG_HD bool finalize_row(const T* st, const T* h, const T* nu, T* out) {
   const T tau_param = ratio * (npp < T(PARAM_NORM_FLOOR) ? T(PARAM_NORM_FLOOR) : npp);
   const T tau = is_abs ? max_norm : (is_rel ? tau_rel : tau_param);
   const bool over = n2 > tau;
-  const T s = over ? (one - l_mag) + l_mag * ((over ? tau : zero) / (over ? n2 : one)) : one;
+  const T s = over ? (one - l_mag) + mul_nc(l_mag, (over ? tau : zero) / (over ? n2 : one)) : one;
   const T n3 = s * n2;
   const bool finite_tau = sgg_isfinite(tau);
   T excess = n2 - (finite_tau ? tau : zero);
@@ -148,7 +167,7 @@ SGG_HD bool finalize_row(const T* st, const T* h, const T* nu, T* out) {
   const bool bad = bad_stats || !sgg_isfinite(alpha) || !sgg_isfinite(beta);
 
   const bool start = sgg_isfinite(n2) && (n2 > zero);
-  const T nu_rel = nu_init ? mbeta * nu_old + (one - mbeta) * n3 : (start ? n2 : nu_old);
+  const T nu_rel = nu_init ? mul_nc(mbeta, nu_old) + mul_nc(one - mbeta, n3) : (start ? n2 : nu_old);
   const T flag_rel = (nu_init || start) ? one : zero;
 
   out[O_ALPHA] = alpha;

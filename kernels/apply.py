@@ -30,7 +30,7 @@ from sgg_fast import guidance as _G
 
 from . import count_launch
 from . import layout as L
-from .stats import BLOCK, NUM_WARPS, _load_f32, _ptr
+from .stats import _F_ALIGNED, BLOCK, INTERPRET, NUM_WARPS, _load_f32, _ptr
 
 _MC = tl.constexpr(L.META_COLS)
 _G_ = tl.constexpr(L.G)
@@ -43,6 +43,7 @@ _NUMEL = tl.constexpr(L.NUMEL)
 _SEG = tl.constexpr(L.SEG)
 _GROUP = tl.constexpr(L.GROUP)
 _FLAGS = tl.constexpr(L.FLAGS)
+_LR = tl.constexpr(L.LR)
 _R_READ = tl.constexpr(L.R_READ)
 _R_EMA = tl.constexpr(L.R_EMA)
 _R_IS_M = tl.constexpr(L.R_IS_M)
@@ -59,6 +60,7 @@ _H_LNB1 = tl.constexpr(L.H_LNB1)
 _H_LNB2 = tl.constexpr(L.H_LNB2)
 _H_RB = tl.constexpr(L.H_RB)
 _H_OMRB = tl.constexpr(L.H_OMRB)
+_H_WD = tl.constexpr(L.H_WD)
 _NOUT = tl.constexpr(len(_G.OUT_COLS))
 _O_ALPHA = tl.constexpr(_G.O_ALPHA)
 _O_BETA = tl.constexpr(_G.O_BETA)
@@ -70,15 +72,18 @@ _EXPM1_SERIES = tl.constexpr(0.35)
 
 @triton.jit
 def _to_bf16(x):
-    """float32 -> bfloat16, round to nearest even (NaN stays NaN), by integer arithmetic.
+    """float32 -> bfloat16, round to nearest even (NaN stays NaN).
 
-    Used instead of ``x.to(tl.bfloat16)`` because Triton's interpreter truncates in that cast
-    (the compiled cast rounds to nearest even); this gives the same bits in both.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    hi = tl.where(x != x, 0x7FC0, rounded)
-    return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    Compiled: the hardware conversion (``cvt.rn.bf16.f32``). Under Triton's interpreter, whose
+    cast truncates, integer arithmetic that gives the same bits (NaN as 0x7FC0)."""
+    if INTERPRET:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        hi = tl.where(x != x, 0x7FC0, rounded)
+        y = hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(tl.bfloat16)
+    return y
 
 
 @triton.jit
@@ -112,9 +117,13 @@ def _one_minus_pow(ln_b, t):
 
 @triton.jit
 def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, mask, code, read_r, is_ema, is_m,
-                 alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb,
+                 alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
                  DT: tl.constexpr, ALIGNED: tl.constexpr):
-    """DESIGN §1 D on one block: u = α·g + β·r, the ema update, m, v, p (fp32 registers)."""
+    """DESIGN §1 D on one block: u = α·g + β·r, the ema update, m, v, p (fp32 registers).
+
+    ``bc2``: √(1-β2^t) under the interpreter (IEEE sqrt and divisions: the bits of the torch
+    and CPU backends), its reciprocal when compiled (one multiply; the GPU's sqrt and division
+    instructions, within 2 ulp)."""
     g = _load_f32(g_addr, offs, mask, code, DT, ALIGNED)
     m = _load_f32(m_addr, offs, mask, code, DT, ALIGNED)
     v = _load_f32(v_addr, offs, mask, code, DT, ALIGNED)
@@ -125,11 +134,30 @@ def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, mask, code, read_
     _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT, ALIGNED)
     m = b1 * m + omb1 * u
     v = b2 * v + omb2 * (u * u)
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p * decay - step_size * tl.div_rn(m, denom)
+    if INTERPRET:
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2) + eps
+        p = p * decay - step_size * tl.div_rn(m, denom)
+    else:
+        denom = tl.sqrt(v) * bc2 + eps
+        p = p * decay - step_size * (m / denom)
     _store_as(p_addr, offs, p, mask, code, DT, ALIGNED)
     _store_as(m_addr, offs, m, mask, code, DT, ALIGNED)
     _store_as(v_addr, offs, v, mask, code, DT, ALIGNED)
+
+
+@triton.jit
+def _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, start, n_full, code, read_r, is_ema, is_m,
+                alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
+                BLOCK: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr):
+    """The full blocks [start, start + n_full) of a chunk (VEC: 16-byte aligned addresses)."""
+    full = tl.full([BLOCK], 1, tl.int1)
+    for k in range(0, n_full, BLOCK):
+        base = start + k
+        if VEC:
+            base = tl.multiple_of(base, 16)
+        offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
+        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, full, code, read_r, is_ema, is_m,
+                     alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, DT, VEC)
 
 
 @triton.jit
@@ -142,7 +170,7 @@ def _apply_kernel(
     CHUNK: tl.constexpr,    # elements per chunk (a multiple of BLOCK)
     BLOCK: tl.constexpr,    # elements per inner iteration
     DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS)
-    ALIGNED: tl.constexpr,  # every address is 16-byte aligned (lets loads/stores vectorise)
+    ALIGNED: tl.constexpr,  # some tensor is 16-byte aligned: compile the vector path (FLAGS bit 7 picks it)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(chunks_ptr + pid * 2)
@@ -167,8 +195,12 @@ def _apply_kernel(
     alpha = tl.load(out_ptr + seg * _NOUT + _O_ALPHA)
     beta = tl.load(out_ptr + seg * _NOUT + _O_BETA)
     h = hyper_ptr + grp * _HC
-    lr = tl.load(h + _H_LR)
-    decay = tl.load(h + _H_DECAY)      # 1 - lr·weight_decay
+    # a tensor lr (the group's float32 device scalar, meta column LR) is read here, on the device
+    lr_addr = tl.load(mrow + _LR)
+    has_lrt = lr_addr != 0
+    lr_t = tl.load(lr_addr.to(tl.pointer_type(tl.float32)), mask=has_lrt, other=0.0)
+    lr = tl.where(has_lrt, lr_t, tl.load(h + _H_LR))
+    decay = tl.where(has_lrt, 1.0 - lr_t * tl.load(h + _H_WD), tl.load(h + _H_DECAY))  # 1 - lr·wd
     eps = tl.load(h + _H_EPS)
     b1 = tl.load(h + _H_B1)
     omb1 = tl.load(h + _H_OMB1)        # 1 - β1
@@ -182,22 +214,29 @@ def _apply_kernel(
     t = tl.load(steps_ptr + row) + 1.0
     step_size = tl.div_rn(lr, _one_minus_pow(lnb1, t))    # lr / (1 - β1^t)
     bc2_sqrt = tl.sqrt_rn(_one_minus_pow(lnb2, t))        # √(1 - β2^t)
+    if INTERPRET:
+        bc2 = bc2_sqrt
+    else:
+        bc2 = tl.div_rn(1.0, bc2_sqrt)                    # 1/√(1 - β2^t), once per program
 
     n_here = tl.where(live, tl.minimum(numel - start, CHUNK), 0)  # skipped step: no iteration
     n_full = (n_here // BLOCK) * BLOCK
-    # full blocks without a bounds mask (a uniform mask lets loads vectorise), then the tail
-    full = tl.full([BLOCK], 1, tl.int1)
-    for k in range(0, n_full, BLOCK):
-        base = start + k
-        if ALIGNED:
-            base = tl.multiple_of(base, 16)
-        offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
-        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, full, code, read_r, is_ema, is_m,
-                     alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb, DT, ALIGNED)
+    # full blocks without a bounds mask (a uniform mask lets loads vectorise), 16-byte vector
+    # accesses for a tensor whose addresses are aligned (its FLAGS bit), then the tail
+    if ALIGNED:
+        if (flags & _F_ALIGNED) != 0:
+            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, start, n_full, code, read_r, is_ema, is_m,
+                        alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT, True)
+        else:
+            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, start, n_full, code, read_r, is_ema, is_m,
+                        alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT, False)
+    else:
+        _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, start, n_full, code, read_r, is_ema, is_m,
+                    alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT, False)
     if n_full < n_here:
         offs = start + n_full + tl.arange(0, BLOCK)
         _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, offs < numel, code, read_r, is_ema,
-                     is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt, rb, omrb, DT, False)
+                     is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, DT, False)
 
     first = live & (start == 0)
     step_addr = tl.load(mrow + _STEP)
@@ -225,6 +264,19 @@ def _guide_block(g_addr, r_addr, offs, mask, code, read_r, is_ema, alpha, beta, 
 
 
 @triton.jit
+def _guide_full(g_addr, r_addr, start, n_full, code, read_r, is_ema, alpha, beta, rb, omrb,
+                BLOCK: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr):
+    """The full blocks [start, start + n_full) of a chunk (VEC: 16-byte aligned addresses)."""
+    full = tl.full([BLOCK], 1, tl.int1)
+    for k in range(0, n_full, BLOCK):
+        base = start + k
+        if VEC:
+            base = tl.multiple_of(base, 16)
+        offs = base + tl.arange(0, BLOCK)
+        _guide_block(g_addr, r_addr, offs, full, code, read_r, is_ema, alpha, beta, rb, omrb, DT, VEC)
+
+
+@triton.jit
 def _guide_kernel(
     meta_ptr,       # int64 [P, META_COLS]: per-tensor addresses, sizes and flags (layout.py)
     chunks_ptr,     # int64 [C, 2]: (tensor row, first element) of each chunk = program
@@ -233,7 +285,7 @@ def _guide_kernel(
     CHUNK: tl.constexpr,    # elements per chunk (a multiple of BLOCK)
     BLOCK: tl.constexpr,    # elements per inner iteration
     DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS)
-    ALIGNED: tl.constexpr,  # every address is 16-byte aligned (lets loads/stores vectorise)
+    ALIGNED: tl.constexpr,  # some tensor is 16-byte aligned: compile the vector path (FLAGS bit 7 picks it)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(chunks_ptr + pid * 2)
@@ -258,13 +310,13 @@ def _guide_kernel(
 
     n_here = tl.where(live, tl.minimum(numel - start, CHUNK), 0)
     n_full = (n_here // BLOCK) * BLOCK
-    full = tl.full([BLOCK], 1, tl.int1)
-    for k in range(0, n_full, BLOCK):
-        base = start + k
-        if ALIGNED:
-            base = tl.multiple_of(base, 16)
-        offs = base + tl.arange(0, BLOCK)
-        _guide_block(g_addr, r_addr, offs, full, code, read_r, is_ema, alpha, beta, rb, omrb, DT, ALIGNED)
+    if ALIGNED:
+        if (flags & _F_ALIGNED) != 0:
+            _guide_full(g_addr, r_addr, start, n_full, code, read_r, is_ema, alpha, beta, rb, omrb, BLOCK, DT, True)
+        else:
+            _guide_full(g_addr, r_addr, start, n_full, code, read_r, is_ema, alpha, beta, rb, omrb, BLOCK, DT, False)
+    else:
+        _guide_full(g_addr, r_addr, start, n_full, code, read_r, is_ema, alpha, beta, rb, omrb, BLOCK, DT, False)
     if n_full < n_here:
         offs = start + n_full + tl.arange(0, BLOCK)
         _guide_block(g_addr, r_addr, offs, offs < numel, code, read_r, is_ema, alpha, beta, rb, omrb, DT, False)

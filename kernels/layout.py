@@ -16,11 +16,14 @@ order (tensors of one segment are contiguous):
 ``SEG``     segment index (row of the finalize output)
 ``GROUP``   row of the per-group AdamW hyper-parameter table
 ``FLAGS``   bit field, below
+``LR``      address of the group's float32 tensor ``lr`` (0: the hyper table's ``H_LR``)
 ==========  ==================================================================================
 
 ``FLAGS``: bits 0-1 the element type (:data:`DT_CODES`), bits 2-3 the reference kind
 (:data:`R_NONE` ... :data:`R_IS_M`), bit 4 ``pp`` wanted, bit 5 has ``norm_ema``, bit 6 has a
-``step``. Every tensor of a row (g, r, p, m, v) has the parameter's element type.
+``step``, bit 7 every address of the row (g, r, p, m, v) is 16-byte aligned (this tensor takes
+the vector path; a view at an odd offset into a flat buffer takes the scalar path alone). Every
+tensor of a row (g, r, p, m, v) has the parameter's element type.
 
 Chunk table ``chunks``: int64 ``[C, 2]``: (tensor row, first element) of each chunk of
 ``CHUNK`` elements; every tensor has at least one chunk (a 0-element tensor has one empty chunk,
@@ -32,8 +35,8 @@ Segment table ``segs``: int64 ``[S, SEG_COLS]``: first chunk, one past the last 
 address of the segment's ``norm_ema`` (0: none).
 """
 
-G, R, P, M, V, STEP, NU, NUMEL, SEG, GROUP, FLAGS = range(11)
-META_COLS = 12  # one spare column keeps rows 96 bytes
+G, R, P, M, V, STEP, NU, NUMEL, SEG, GROUP, FLAGS, LR = range(12)
+META_COLS = 12  # rows of 96 bytes
 
 #: element type codes (bits 0-1 of FLAGS); DT_MIXED asks the kernels to dispatch per tensor
 DT_F32, DT_BF16, DT_F16 = 0, 1, 2
@@ -48,9 +51,10 @@ R_IS_M = 3   # r is exp_avg before this step (SGGAdamW reference="momentum"): R 
 F_PP = 16     # bit 4: accumulate pp = sum p^2
 F_NU = 32     # bit 5: write norm_ema
 F_STEP = 64   # bit 6: has a step count
+F_ALIGNED = 128  # bit 7: all addresses of the row 16-byte aligned
 
 #: per-group hyper-parameter columns (float32)
-(H_LR, H_DECAY, H_EPS, H_B1, H_OMB1, H_B2, H_OMB2, H_LNB1, H_LNB2, H_RB, H_OMRB) = range(11)
+(H_LR, H_DECAY, H_EPS, H_B1, H_OMB1, H_B2, H_OMB2, H_LNB1, H_LNB2, H_RB, H_OMRB, H_WD) = range(12)
 HYP_COLS = 12
 
 #: segment table columns

@@ -22,6 +22,8 @@ new ``(ν, initialised)`` into its own float32 [2] tensor (``plan.seg_nus``), un
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -41,6 +43,10 @@ _FLAGS = tl.constexpr(L.FLAGS)
 _R_NONE = tl.constexpr(L.R_NONE)
 _F_PP = tl.constexpr(L.F_PP)
 _F_STEP = tl.constexpr(L.F_STEP)
+_F_ALIGNED = tl.constexpr(L.F_ALIGNED)
+#: Triton's interpreter (CPU tests) runs these kernels: the exact integer bf16 rounding and IEEE
+#: division/sqrt are used there, the hardware instructions when compiled (kernels/apply.py)
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _SC = tl.constexpr(L.SEG_COLS)
 _S_LO = tl.constexpr(L.S_LO)
 _S_HI = tl.constexpr(L.S_HI)
@@ -138,6 +144,29 @@ def _stats_block(g_addr, r_addr, p_addr, offs, mask, has_r, want_pp, code, DT: t
 
 
 @triton.jit
+def _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp, code, BLOCK: tl.constexpr,
+                DT: tl.constexpr, VEC: tl.constexpr):
+    """Running sums over the full blocks [start, start + n_full) of a chunk (VEC: the tensor's
+    addresses are 16-byte aligned, so its loads may be 16-byte vectors)."""
+    acc_gg = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_rr = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_gr = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_pp = tl.zeros([BLOCK], dtype=tl.float32)
+    full = tl.full([BLOCK], 1, tl.int1)
+    for k in range(0, n_full, BLOCK):
+        base = start + k
+        if VEC:
+            base = tl.multiple_of(base, 16)
+        offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
+        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, full, has_r, want_pp, code, DT, VEC)
+        acc_gg += gg
+        acc_rr += rr
+        acc_gr += gr
+        acc_pp += pp
+    return acc_gg, acc_rr, acc_gr, acc_pp
+
+
+@triton.jit
 def _stats_kernel(
     meta_ptr,       # int64 [P, META_COLS]: per-tensor addresses, sizes and flags (layout.py)
     chunks_ptr,     # int64 [C, 2]: (tensor row, first element) of each chunk = program
@@ -146,7 +175,7 @@ def _stats_kernel(
     CHUNK: tl.constexpr,       # elements per chunk (a multiple of BLOCK)
     BLOCK: tl.constexpr,       # elements per inner iteration
     DT: tl.constexpr,          # element type code of every tensor, or -1: per tensor (FLAGS)
-    ALIGNED: tl.constexpr,     # every address is 16-byte aligned (lets loads vectorise)
+    ALIGNED: tl.constexpr,     # some tensor is 16-byte aligned: compile the vector path (FLAGS bit 7 picks it)
     COPY_STEPS: tl.constexpr,  # copy step counts into steps_ptr (SGGAdamW, not GradientGuidance)
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -162,24 +191,20 @@ def _stats_kernel(
     has_r = ((flags >> 2) & 3) != _R_NONE
     want_pp = (flags & _F_PP) != 0
 
-    acc_gg = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_rr = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_gr = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_pp = tl.zeros([BLOCK], dtype=tl.float32)
     n_here = tl.minimum(numel - start, CHUNK)  # 0 for the empty chunk of a 0-element tensor
     n_full = (n_here // BLOCK) * BLOCK
-    # full blocks without a bounds mask (a uniform mask lets loads vectorise), then the tail
-    full = tl.full([BLOCK], 1, tl.int1)
-    for k in range(0, n_full, BLOCK):
-        base = start + k
-        if ALIGNED:
-            base = tl.multiple_of(base, 16)
-        offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
-        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, full, has_r, want_pp, code, DT, ALIGNED)
-        acc_gg += gg
-        acc_rr += rr
-        acc_gr += gr
-        acc_pp += pp
+    # full blocks without a bounds mask (a uniform mask lets loads vectorise), 16-byte vector
+    # accesses for a tensor whose addresses are aligned (its FLAGS bit), then the tail
+    if ALIGNED:
+        if (flags & _F_ALIGNED) != 0:
+            acc_gg, acc_rr, acc_gr, acc_pp = _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp,
+                                                         code, BLOCK, DT, True)
+        else:
+            acc_gg, acc_rr, acc_gr, acc_pp = _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp,
+                                                         code, BLOCK, DT, False)
+    else:
+        acc_gg, acc_rr, acc_gr, acc_pp = _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp,
+                                                     code, BLOCK, DT, False)
     if n_full < n_here:
         offs = start + n_full + tl.arange(0, BLOCK)
         gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, offs < numel, has_r, want_pp, code, DT, False)

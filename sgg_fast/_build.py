@@ -104,8 +104,9 @@ def ld_flags() -> list[str]:
 
 
 def nvcc_flags(archs: list[str], debug: bool = False, threads: int = 2) -> list[str]:
-    # --fmad=false: same reason as -ffp-contract=off (finalize mirrors torch's per-op rounding)
-    flags = ["-O3" if not debug else "-G", "--fmad=false", "--expt-relaxed-constexpr",
+    # FMA contraction stays on: finalize_row (the bitwise mirror of guidance.finalize) rounds
+    # its products on their own with mul_nc (csrc/sgg_common.h); tests/test_cuda_ptx.py checks
+    flags = ["-O3" if not debug else "-G", "--expt-relaxed-constexpr",
              "-lineinfo", f"--threads={threads}"]
     for a in archs:
         num = a.replace(".", "").replace("+PTX", "")

@@ -849,7 +849,7 @@ def test_cuda_home_from_a_wrapper_script(tmp_path):
     assert _build.cuda_home_from_nvcc(str(link)) == str(root)
     assert _build.parse_archs("80;90") == ["80", "90"] and _build.parse_archs("8.0 9.0+PTX") == ["80", "90+PTX"]
     flags = " ".join(_build.nvcc_flags(["90+PTX"]))
-    assert "arch=compute_90,code=sm_90" in flags and "code=compute_90" in flags and "--fmad=false" in flags
+    assert "arch=compute_90,code=sm_90" in flags and "code=compute_90" in flags
 
 
 def test_backend_reduce_then_finalize_equals_finalize():

@@ -360,7 +360,13 @@ def test_mixed_dtypes_in_one_step_match_torch_backend(small_chunks):
 def test_three_launches_per_step(n, monkeypatch):
     """Three launches whatever the number of tensors, for SGGAdamW and for GradientGuidance; and
     no torch operation inside step() besides allocations (kernel launches stubbed out here, so
-    that the interpreter's own tensor copies are not counted)."""
+    that the interpreter's own tensor copies are not counted) and one read of the skip flag.
+
+    That read: the finalize output lives on the CPU under the interpreter, so the engine reads
+    its skip flag on the host (``last_host_skip``: the state commit and GradientGuidance use it)
+    at no cost, no device sync. It is allowed here only on CPU tensors and once per step: a
+    device backend on CUDA never reads it (tests/test_launches_cuda.py runs with
+    torch.cuda.set_sync_debug_mode("error"))."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     kernels, kstats, kapply = _kernels()
@@ -377,8 +383,16 @@ def test_three_launches_per_step(n, monkeypatch):
             super().__init__()
             self.ops = set()
 
+            self.host_reads = []    # devices of the tensors read by .item()
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(str(func.overloadpacket))
+            name = str(func.overloadpacket)
+            if name == "aten._local_scalar_dense":
+                self.host_reads.append(args[0].device.type)
+            elif name in ("aten.slice", "aten.select") and args[0].device.type == "cpu" \
+                    and args[0].shape[-1:] == (len(G.OUT_COLS),):
+                name = "view of the finalize output (cpu)"
+            self.ops.add(name)
             return func(*args, **(kwargs or {}))
 
     for mod, name in ((kstats, "launch_stats"), (kstats, "launch_finalize"), (kapply, "launch_apply")):
@@ -390,7 +404,9 @@ def test_three_launches_per_step(n, monkeypatch):
     with Ops() as log:
         opt.step()
     assert kernels.total_launches() == 3
-    assert log.ops <= {"aten.empty", "profiler._record_function_enter_new", "profiler._record_function_exit"}, log.ops
+    assert log.host_reads == ["cpu"], log.host_reads  # the skip flag, once, from host memory
+    assert log.ops <= {"aten.empty", "aten._local_scalar_dense", "view of the finalize output (cpu)",
+                       "profiler._record_function_enter_new", "profiler._record_function_exit"}, log.ops
     _set_grads(ps, seed=2)             # new gradients at new addresses: tables re-uploaded
     kernels.reset_launches()
     opt.step()
@@ -627,3 +643,72 @@ def test_info_lists_triton_with_its_reason():
         assert " available " in plain
     else:
         assert "unavailable" in plain and "no CUDA device" in plain
+
+
+def test_alignment_is_a_per_tensor_flag(small_chunks):
+    """A gradient that is a view at an odd offset into a flat buffer (DDP bucket views, FSDP flat
+    parameters) turns off vector accesses for its own tensor only; the step is unchanged."""
+    from sgg_fast.kernels import layout as L
+
+    shapes = [(3000,), (2049,), (70,)]
+    runs = []
+    for backend in ("triton", "torch"):
+        ps = _params(shapes, [torch.float32] * 3, seed=4)
+        opt = SGGAdamW(ps, lr=1e-2, backend=backend, mag_mode="absolute", max_norm=0.5)
+        for n in range(2):
+            _set_grads(ps, seed=30 + n)
+            flat = torch.zeros(1 + 3000, device=DEVICE)
+            flat[1:].copy_(ps[0].grad)
+            ps[0].grad = flat[1:]          # 4 bytes past a 16-byte boundary
+            opt.step()
+        runs.append((ps, opt))
+    tab = runs[0][1]._engine.cache["triton"]  # the plan's cache is the engine's
+    aligned = (tab.meta_host[:, L.FLAGS] & L.F_ALIGNED != 0).tolist()
+    assert runs[0][0][0].grad.data_ptr() % 16 != 0  # premise: the view is misaligned
+    assert aligned == [False, True, True] and tab.aligned
+    for x, y in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_lr_is_read_on_the_device():
+    """A tensor lr is read by the apply kernel (meta column LR): no float(lr) on the host, an
+    in-place change takes effect without re-uploading the hyper table, and the result is the
+    same as with the number (weight_decay=0: decay is 1 either way)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) == "aten._local_scalar_dense":
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    lr = torch.tensor(1e-2, device=DEVICE)
+    ps = _params([(300,), (17,)], [torch.float32] * 2, seed=6)
+    qs = _params([(300,), (17,)], [torch.float32] * 2, seed=6)
+    a = SGGAdamW(ps, lr=lr, weight_decay=0.0, backend="triton")
+    b = SGGAdamW(qs, lr=1e-2, weight_decay=0.0, backend="triton")
+    for n, value in enumerate((None, 1e-2, None, 3e-3)):  # n = 0: the first step (state created)
+        if value is not None:  # an in-place change: the settings check reads lr once (validation.py)
+            lr.fill_(value)
+            b.param_groups[0]["lr"] = value
+        _set_grads(ps, seed=40 + n)
+        _set_grads(qs, seed=40 + n)
+        with Reads() as ra:
+            a.step()
+        with Reads() as rb:
+            b.step()
+        # the backend adds no host read of lr (the skip flag is the one read of an unchanged step)
+        if n >= 2:  # after the first two steps (the state's creation re-checks the settings once)
+            assert ra.n == rb.n + (value is not None), (n, ra.n, rb.n)
+        for x, y in zip(ps, qs):
+            assert torch.equal(x, y), n
+
+
+def test_table_upload_refused_during_graph_capture(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="during CUDA graph capture"):
+        TB._upload(torch.zeros(3, dtype=torch.int64), torch.device("cuda"))

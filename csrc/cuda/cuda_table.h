@@ -21,6 +21,10 @@ constexpr int kRecWords = 16;
 
 enum CudaDType : int32_t { CDT_F32 = 0, CDT_BF16 = 1, CDT_F16 = 2 };
 
+// TensorRec.flags: every pointer of the tensor is 16-byte aligned and a chunk is a whole number
+// of 16-byte vectors: the kernels use vector loads/stores for it
+constexpr int32_t F_ALIGNED = 1;
+
 // pointer slots
 constexpr int S_G = 0, S_R = 1, S_P = 2, S_M = 3, S_V = 4, S_STEP = 5;
 
@@ -33,16 +37,17 @@ struct alignas(16) TensorRec {
   int32_t seg;          // row of the finalize output
   int32_t dtype;        // CudaDType
   int32_t ref_mode;     // REF_MOMENTUM / REF_EMA / REF_SOURCE
-  int32_t flags;        // unused (0)
+  int32_t flags;        // F_* bits
   float lr, beta1, beta2, eps, weight_decay, ref_beta;
   float pad[2];
 };
 static_assert(sizeof(TensorRec) == kRecWords * 8, "TensorRec must be 16 int64 words");
 
 // Launchers (kernels.cu). Every one checks its launch with C10_CUDA_KERNEL_LAUNCH_CHECK().
-// recs: device pointer to P records; C: total chunks (grid size).
-void launch_stats(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, float* partials,
-                  cudaStream_t stream);
+// recs: device pointer to P records; chunk_tensor: device int32 [C], the tensor of each chunk
+// (block); C: total chunks (grid size).
+void launch_stats(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
+                  float* partials, cudaStream_t stream);
 // partials: [C, 4]; seg_offsets: [S + 1] (device); rows outside [0, C) are ignored.
 template <typename T>
 void launch_segment_sum(const T* partials, const int64_t* seg_offsets, int64_t C, int64_t S, T* sums,
@@ -51,14 +56,14 @@ void launch_segment_sum(const T* partials, const int64_t* seg_offsets, int64_t C
 template <typename T>
 void launch_finalize(const T* partials, const int64_t* seg_offsets, int64_t C, const T* hyper,
                      float* const* nu, int64_t S, T* out, cudaStream_t stream);
-void launch_apply(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, const float* out,
-                  unsigned long long* counters, cudaStream_t stream);
-void launch_guide(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, const float* out,
-                  cudaStream_t stream);
+void launch_apply(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
+                  const float* out, unsigned long long* counters, cudaStream_t stream);
+void launch_guide(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
+                  const float* out, cudaStream_t stream);
 
 // Elements per block of the apply/guide kernels: 256 threads × 64 elements, so that a block's
-// fixed work (thread 0 finds the tensor, reads α/β/lr/step, computes the bias corrections in
-// double while the others wait) is amortised over 16 Ki elements (~450 KiB of traffic), and a
+// fixed work (one table word, the 128-byte record, thread 0 reads α/β/lr/step and computes the
+// bias corrections in double while the others wait) is amortised over 16 Ki elements (~450 KiB of traffic), and a
 // 10 M-parameter model still has ~600 blocks for an H200's 132 SMs. Untuned (no GPU yet).
 constexpr int64_t kCudaApplyChunk = 16384;
 constexpr int kThreads = 256;

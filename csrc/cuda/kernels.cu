@@ -1,7 +1,6 @@
 // CUDA kernels of the sgg_fast ops: one launch per stage whatever the number of tensors.
 //
-//  stats     grid = total chunks; block c finds its tensor in the device table (binary search
-//            on chunk_begin), sums (gg, rr, gr, pp) over its ≤ chunk elements in fp32 and writes
+//  stats     grid = total chunks; block c reads its tensor from the chunk → tensor table, sums (gg, rr, gr, pp) over its ≤ chunk elements in fp32 and writes
 //            one row of partials (no atomics: a fixed reduction tree → deterministic).
 //  finalize  one block of 32 warps; groups of warps (all 32 for one segment, one each for 32+
 //            segments) sum each segment's rows in double in a fixed order, the group's first
@@ -14,8 +13,11 @@
 //            tensor has read the old step.
 //  guide     the same walk, g ← α·g + β·r in place.
 //
-// All index arithmetic is int64 (tensors over 2^31 elements). Loads upcast to fp32, math in
-// fp32 (bias corrections in double), one rounding on store.
+// All index arithmetic is int64 (tensors over 2^31 elements). Element data moves in 16-byte
+// vectors for tensors whose pointers are 16-byte aligned (a per-tensor flag set by the host),
+// element by element otherwise. Loads upcast to fp32, math in fp32 (bias corrections in
+// double), one rounding on store. FMA contraction is allowed except in finalize_row, whose
+// products are rounded on their own (sgg_common.h mul_nc) to mirror guidance.finalize bitwise.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -29,48 +31,94 @@ namespace sgg_fast {
 namespace cuda {
 namespace {
 
-// ---- element access (upcast on load, round to nearest even on store) -------------------------
+// ---- element access ----------------------------------------------------------------------------
+// Elem<T>: a value's bits (Bits), upcast to fp32 on load, round to nearest even on store. Data
+// moves in 16-byte vectors (Elem<T>::N elements) when a tensor's record has F_ALIGNED (every
+// pointer of the tensor 16-byte aligned and the chunk a multiple of N, set by the host), else
+// element by element; both paths do the same fp32 math per element.
 template <typename T>
 struct Elem;
 template <>
 struct Elem<float> {
-  static __device__ __forceinline__ float ld(const float* p, int64_t i) { return p[i]; }
-  static __device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
+  using Bits = uint32_t;
+  static constexpr int N = 4;
+  static __device__ __forceinline__ float up(Bits b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ Bits down(float v) { return __float_as_uint(v); }
 };
 template <>
 struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float ld(const __nv_bfloat16* p, int64_t i) {
-    return __bfloat162float(p[i]);
-  }
-  static __device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, float v) {
-    p[i] = __float2bfloat16_rn(v);
-  }
+  using Bits = unsigned short;
+  static constexpr int N = 8;
+  static __device__ __forceinline__ float up(Bits b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+  static __device__ __forceinline__ Bits down(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 };
 template <>
 struct Elem<__half> {
-  static __device__ __forceinline__ float ld(const __half* p, int64_t i) { return __half2float(p[i]); }
-  static __device__ __forceinline__ void st(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
+  using Bits = unsigned short;
+  static constexpr int N = 8;
+  static __device__ __forceinline__ float up(Bits b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ Bits down(float v) { return __half_as_ushort(__float2half_rn(v)); }
 };
 
-__device__ __forceinline__ int64_t find_tensor(const TensorRec* recs, int64_t P, int64_t c) {
-  int64_t lo = 0, hi = P - 1;  // largest t with recs[t].chunk_begin <= c
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (recs[mid].chunk_begin <= c) lo = mid; else hi = mid - 1;
-  }
-  return lo;
+// One element (the unaligned path and the tail of a chunk); RO as for ldv below.
+template <typename T, bool RO>
+__device__ __forceinline__ float ld1(const void* __restrict__ p, int64_t i) {
+  const typename Elem<T>::Bits* q = reinterpret_cast<const typename Elem<T>::Bits*>(p) + i;
+  return Elem<T>::up(RO ? __ldg(q) : __ldcg(q));
+}
+template <typename T>
+__device__ __forceinline__ void st1(void* __restrict__ p, int64_t i, float v) {
+  __stcg(reinterpret_cast<typename Elem<T>::Bits*>(p) + i, Elem<T>::down(v));
 }
 
-// Load this block's record into shared memory (thread 0 searches, everyone reads).
-__device__ __forceinline__ void load_rec(const TensorRec* recs, int64_t P, TensorRec& rec,
-                                         int64_t& t) {
-  __shared__ int64_t t_sh;
-  if (threadIdx.x == 0) {
-    t_sh = find_tensor(recs, P, blockIdx.x);
-    rec = recs[t_sh];
+// N elements from 16 bytes at element i (a multiple of N). RO: read-only for the whole kernel
+// (ld.global.nc); otherwise the data is written later in the kernel (ld.global.cg, L2 only).
+template <typename T>
+union Vec {
+  uint4 u;
+  typename Elem<T>::Bits b[Elem<T>::N];
+};
+template <typename T, bool RO>
+__device__ __forceinline__ void ldv(const void* __restrict__ p, int64_t i, float (&x)[Elem<T>::N]) {
+  const uint4* q = reinterpret_cast<const uint4*>(reinterpret_cast<const typename Elem<T>::Bits*>(p) + i);
+  Vec<T> v;
+  v.u = RO ? __ldg(q) : __ldcg(q);
+#pragma unroll
+  for (int k = 0; k < Elem<T>::N; ++k) x[k] = Elem<T>::up(v.b[k]);
+}
+template <typename T>
+__device__ __forceinline__ void stv(void* __restrict__ p, int64_t i, const float (&x)[Elem<T>::N]) {
+  Vec<T> v;
+#pragma unroll
+  for (int k = 0; k < Elem<T>::N; ++k) v.b[k] = Elem<T>::down(x[k]);
+  __stcg(reinterpret_cast<uint4*>(reinterpret_cast<typename Elem<T>::Bits*>(p) + i), v.u);
+}
+
+// Walk elements [b, e) of this block: body(i, n) for groups of n = N consecutive elements
+// starting at i (vector path, when ALIGNED) and then for single elements (n = 1). The
+// vector groups are b, b + N, ... up to the last full group; the rest is the scalar tail.
+template <typename T, typename VecBody, typename OneBody>
+__device__ __forceinline__ void walk(bool aligned, int64_t b, int64_t e, const VecBody& vec, const OneBody& one) {
+  constexpr int N = Elem<T>::N;
+  int64_t tail = b;
+  if (aligned) {
+    const int64_t nvec = (e - b) / N;
+#pragma unroll 2
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) vec(b + j * N);
+    tail = b + nvec * N;
   }
+  for (int64_t i = tail + threadIdx.x; i < e; i += blockDim.x) one(i);
+}
+
+// The block's tensor: one word of the chunk → tensor table (built by the host once per list
+// of tensor sizes), then the 128-byte record, copied to shared memory by 16 threads at once.
+__device__ __forceinline__ int load_rec(const TensorRec* __restrict__ recs, const int32_t* __restrict__ chunk_tensor,
+                                        TensorRec& rec) {
+  const int t = __ldg(chunk_tensor + blockIdx.x);
+  if (threadIdx.x < kRecWords)
+    reinterpret_cast<int64_t*>(&rec)[threadIdx.x] = __ldg(reinterpret_cast<const long long*>(recs + t) + threadIdx.x);
   __syncthreads();
-  t = t_sh;
+  return t;
 }
 
 // Sum v over the block in a fixed tree; the result is valid in thread 0.
@@ -98,23 +146,30 @@ __device__ __forceinline__ void block_sum(float (&v)[N]) {
 // ---- stats -----------------------------------------------------------------------------------
 template <typename T, bool HR, bool HP>
 __device__ __forceinline__ void stats_loop(const TensorRec& rec, int64_t b, int64_t e, float (&acc)[4]) {
-  const T* g = reinterpret_cast<const T*>(rec.ptr[S_G]);
-  const T* r = reinterpret_cast<const T*>(rec.ptr[S_R]);
-  const T* p = reinterpret_cast<const T*>(rec.ptr[S_P]);
-#pragma unroll 4
-  for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
-    const float gv = Elem<T>::ld(g, i);
+  constexpr int N = Elem<T>::N;
+  const void* __restrict__ g = reinterpret_cast<const void*>(rec.ptr[S_G]);
+  const void* __restrict__ r = reinterpret_cast<const void*>(rec.ptr[S_R]);
+  const void* __restrict__ p = reinterpret_cast<const void*>(rec.ptr[S_P]);
+  auto add = [&](float gv, float rv, float pv) {
     acc[GG] += gv * gv;
     if (HR) {
-      const float rv = Elem<T>::ld(r, i);
       acc[RR] += rv * rv;
       acc[GR] += gv * rv;
     }
-    if (HP) {
-      const float pv = Elem<T>::ld(p, i);
-      acc[PP] += pv * pv;
-    }
-  }
+    if (HP) acc[PP] += pv * pv;
+  };
+  walk<T>((rec.flags & F_ALIGNED) != 0, b, e,
+          [&](int64_t i) {
+            float gv[N], rv[N], pv[N];
+            ldv<T, true>(g, i, gv);
+            if (HR) ldv<T, true>(r, i, rv);
+            if (HP) ldv<T, true>(p, i, pv);
+#pragma unroll
+            for (int k = 0; k < N; ++k) add(gv[k], HR ? rv[k] : 0.f, HP ? pv[k] : 0.f);
+          },
+          [&](int64_t i) {
+            add(ld1<T, true>(g, i), HR ? ld1<T, true>(r, i) : 0.f, HP ? ld1<T, true>(p, i) : 0.f);
+          });
 }
 
 template <typename T>
@@ -126,11 +181,11 @@ __device__ __forceinline__ void stats_dt(const TensorRec& rec, int64_t b, int64_
   else stats_loop<T, false, false>(rec, b, e, acc);
 }
 
-__global__ void __launch_bounds__(kThreads) stats_kernel(const TensorRec* recs, int64_t P, int64_t chunk,
-                                                         float* partials) {
+__global__ void __launch_bounds__(kThreads) stats_kernel(const TensorRec* __restrict__ recs,
+                                                         const int32_t* __restrict__ chunk_tensor, int64_t chunk,
+                                                         float* __restrict__ partials) {
   __shared__ TensorRec rec;
-  int64_t t;
-  load_rec(recs, P, rec, t);
+  load_rec(recs, chunk_tensor, rec);
   const int64_t c = blockIdx.x;
   const int64_t b = (c - rec.chunk_begin) * chunk;
   const int64_t e = b + chunk < rec.numel ? b + chunk : rec.numel;
@@ -240,32 +295,57 @@ struct ApplyScalars {
   float alpha, beta, decay, step_size, bc2_sqrt, t_new;
 };
 
-template <typename T, int MODE>
-__device__ __forceinline__ void apply_loop(const TensorRec& rec, const ApplyScalars& k, int64_t b, int64_t e) {
-  T* p = reinterpret_cast<T*>(rec.ptr[S_P]);
-  const T* g = reinterpret_cast<const T*>(rec.ptr[S_G]);
-  T* m = reinterpret_cast<T*>(rec.ptr[S_M]);
-  T* v = reinterpret_cast<T*>(rec.ptr[S_V]);
-  T* r = reinterpret_cast<T*>(rec.ptr[S_R]);
-  const float b1 = rec.beta1, omb1 = 1.f - rec.beta1, b2 = rec.beta2, omb2 = 1.f - rec.beta2;
-  const float rb = rec.ref_beta, omrb = 1.f - rec.ref_beta, eps = rec.eps;
-#pragma unroll 4
-  for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
-    const float gv = Elem<T>::ld(g, i);
-    float mv = Elem<T>::ld(m, i);
-    float vv = Elem<T>::ld(v, i);
-    float pv = Elem<T>::ld(p, i);
-    const float rv = MODE == REF_MOMENTUM ? mv : Elem<T>::ld(r, i);
-    const float u = k.alpha * gv + k.beta * rv;
-    if (MODE == REF_EMA) Elem<T>::st(r, i, rb * rv + omrb * gv);
+// The AdamW update of one element with u = α·g + β·r (the CPU kernel's math, in fp32):
+// r ← ρ·r + (1 − ρ)·g (ema), m ← β1·m + (1 − β1)·u, v ← β2·v + (1 − β2)·u²,
+// p ← p·(1 − lr·wd) − step_size·m / (√v / √bc2 + eps).
+template <int MODE>
+struct AdamW1 {
+  float alpha, beta, decay, step_size, bc2_sqrt, b1, omb1, b2, omb2, rb, omrb, eps;
+  __device__ __forceinline__ void operator()(float gv, float& mv, float& vv, float& pv, float& rv) const {
+    if (MODE == REF_MOMENTUM) rv = mv;
+    const float u = alpha * gv + beta * rv;
+    if (MODE == REF_EMA) rv = rb * rv + omrb * gv;
     mv = b1 * mv + omb1 * u;
     vv = b2 * vv + omb2 * (u * u);
-    pv = pv * k.decay;
-    pv = pv - (k.step_size * mv) / (sqrtf(vv) / k.bc2_sqrt + eps);
-    Elem<T>::st(m, i, mv);
-    Elem<T>::st(v, i, vv);
-    Elem<T>::st(p, i, pv);
+    pv = pv * decay;
+    pv = pv - (step_size * mv) / (sqrtf(vv) / bc2_sqrt + eps);
   }
+};
+
+template <typename T, int MODE>
+__device__ __forceinline__ void apply_loop(const TensorRec& rec, const ApplyScalars& k, int64_t b, int64_t e) {
+  constexpr int N = Elem<T>::N;
+  void* __restrict__ p = reinterpret_cast<void*>(rec.ptr[S_P]);
+  const void* __restrict__ g = reinterpret_cast<const void*>(rec.ptr[S_G]);
+  void* __restrict__ m = reinterpret_cast<void*>(rec.ptr[S_M]);
+  void* __restrict__ v = reinterpret_cast<void*>(rec.ptr[S_V]);
+  void* __restrict__ r = reinterpret_cast<void*>(rec.ptr[S_R]);
+  const AdamW1<MODE> f{k.alpha, k.beta, k.decay, k.step_size, k.bc2_sqrt, rec.beta1, 1.f - rec.beta1,
+                       rec.beta2, 1.f - rec.beta2, rec.ref_beta, 1.f - rec.ref_beta, rec.eps};
+  walk<T>((rec.flags & F_ALIGNED) != 0, b, e,
+          [&](int64_t i) {
+            float gv[N], mv[N], vv[N], pv[N], rv[N];
+            ldv<T, true>(g, i, gv);
+            ldv<T, false>(m, i, mv);
+            ldv<T, false>(v, i, vv);
+            ldv<T, false>(p, i, pv);
+            if (MODE != REF_MOMENTUM) ldv<T, false>(r, i, rv);
+#pragma unroll
+            for (int j = 0; j < N; ++j) f(gv[j], mv[j], vv[j], pv[j], rv[j]);
+            if (MODE == REF_EMA) stv<T>(r, i, rv);
+            stv<T>(m, i, mv);
+            stv<T>(v, i, vv);
+            stv<T>(p, i, pv);
+          },
+          [&](int64_t i) {
+            float mv = ld1<T, false>(m, i), vv = ld1<T, false>(v, i), pv = ld1<T, false>(p, i);
+            float rv = MODE == REF_MOMENTUM ? 0.f : ld1<T, false>(r, i);
+            f(ld1<T, true>(g, i), mv, vv, pv, rv);
+            if (MODE == REF_EMA) st1<T>(r, i, rv);
+            st1<T>(m, i, mv);
+            st1<T>(v, i, vv);
+            st1<T>(p, i, pv);
+          });
 }
 
 template <typename T>
@@ -277,23 +357,25 @@ __device__ __forceinline__ void apply_dt(const TensorRec& rec, const ApplyScalar
   }
 }
 
-__global__ void __launch_bounds__(kThreads) apply_kernel(const TensorRec* recs, int64_t P, int64_t chunk,
-                                                         const float* out, unsigned long long* counters) {
-  if (out[O_SKIP] != 0.f) return;  // the same for every block: the whole step is skipped
+__global__ void __launch_bounds__(kThreads) apply_kernel(const TensorRec* __restrict__ recs,
+                                                         const int32_t* __restrict__ chunk_tensor, int64_t chunk,
+                                                         const float* __restrict__ out,
+                                                         unsigned long long* __restrict__ counters) {
+  if (__ldg(out + O_SKIP) != 0.f) return;  // the same for every block: the whole step is skipped
   __shared__ TensorRec rec;
   __shared__ ApplyScalars k;
-  int64_t t;
-  load_rec(recs, P, rec, t);
+  const int t = load_rec(recs, chunk_tensor, rec);
   if (threadIdx.x == 0) {
+    // the step counter is written by this kernel (last block of the tensor): not ld.global.nc
     const float* row = out + static_cast<int64_t>(rec.seg) * NUM_OUT;
-    const float step = *reinterpret_cast<const float*>(rec.ptr[S_STEP]);
+    const float step = __ldcg(reinterpret_cast<const float*>(rec.ptr[S_STEP]));
     const float t_new = step + 1.f;
-    const double lr = rec.lr_ptr ? static_cast<double>(*reinterpret_cast<const float*>(rec.lr_ptr))
+    const double lr = rec.lr_ptr ? static_cast<double>(__ldg(reinterpret_cast<const float*>(rec.lr_ptr)))
                                  : static_cast<double>(rec.lr);
     const double bc1 = 1.0 - pow(static_cast<double>(rec.beta1), static_cast<double>(t_new));
     const double bc2 = 1.0 - pow(static_cast<double>(rec.beta2), static_cast<double>(t_new));
-    k.alpha = row[O_ALPHA];
-    k.beta = row[O_BETA];
+    k.alpha = __ldg(row + O_ALPHA);
+    k.beta = __ldg(row + O_BETA);
     k.decay = static_cast<float>(1.0 - lr * static_cast<double>(rec.weight_decay));
     k.step_size = static_cast<float>(lr / bc1);
     k.bc2_sqrt = static_cast<float>(sqrt(bc2));
@@ -322,20 +404,32 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const TensorRec* recs, 
 // ---- guide (GradientGuidance) ----------------------------------------------------------------
 template <typename T, bool HR, bool EMA>
 __device__ __forceinline__ void guide_loop(const TensorRec& rec, float alpha, float beta, int64_t b, int64_t e) {
-  T* g = reinterpret_cast<T*>(rec.ptr[S_G]);
-  T* r = reinterpret_cast<T*>(rec.ptr[S_R]);
+  constexpr int N = Elem<T>::N;
+  void* __restrict__ g = reinterpret_cast<void*>(rec.ptr[S_G]);
+  void* __restrict__ r = reinterpret_cast<void*>(rec.ptr[S_R]);
   const float rb = rec.ref_beta, omrb = 1.f - rec.ref_beta;
-#pragma unroll 4
-  for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
-    const float gv = Elem<T>::ld(g, i);
-    float u = alpha * gv;
-    if (HR) {
-      const float rv = Elem<T>::ld(r, i);
-      u = alpha * gv + beta * rv;
-      if (EMA) Elem<T>::st(r, i, rb * rv + omrb * gv);
-    }
-    Elem<T>::st(g, i, u);
-  }
+  // g ← α·g + β·r (α·g without a reference); r ← ρ·r + (1 − ρ)·g (ema)
+  auto one = [&](float gv, float& rv) {
+    const float u = HR ? alpha * gv + beta * rv : alpha * gv;
+    if (EMA) rv = rb * rv + omrb * gv;
+    return u;
+  };
+  walk<T>((rec.flags & F_ALIGNED) != 0, b, e,
+          [&](int64_t i) {
+            float gv[N], rv[N];
+            ldv<T, false>(g, i, gv);
+            if (HR) ldv<T, false>(r, i, rv);
+#pragma unroll
+            for (int j = 0; j < N; ++j) gv[j] = one(gv[j], rv[j]);
+            if (EMA) stv<T>(r, i, rv);
+            stv<T>(g, i, gv);
+          },
+          [&](int64_t i) {
+            float rv = HR ? ld1<T, false>(r, i) : 0.f;
+            const float u = one(ld1<T, false>(g, i), rv);
+            if (EMA) st1<T>(r, i, rv);
+            st1<T>(g, i, u);
+          });
 }
 
 template <typename T>
@@ -345,14 +439,14 @@ __device__ __forceinline__ void guide_dt(const TensorRec& rec, float alpha, floa
   else guide_loop<T, true, false>(rec, alpha, beta, b, e);
 }
 
-__global__ void __launch_bounds__(kThreads) guide_kernel(const TensorRec* recs, int64_t P, int64_t chunk,
-                                                         const float* out) {
-  if (out[O_SKIP] != 0.f) return;
+__global__ void __launch_bounds__(kThreads) guide_kernel(const TensorRec* __restrict__ recs,
+                                                         const int32_t* __restrict__ chunk_tensor, int64_t chunk,
+                                                         const float* __restrict__ out) {
+  if (__ldg(out + O_SKIP) != 0.f) return;
   __shared__ TensorRec rec;
-  int64_t t;
-  load_rec(recs, P, rec, t);
+  load_rec(recs, chunk_tensor, rec);
   const float* row = out + static_cast<int64_t>(rec.seg) * NUM_OUT;
-  const float alpha = row[O_ALPHA], beta = row[O_BETA];
+  const float alpha = __ldg(row + O_ALPHA), beta = __ldg(row + O_BETA);
   const int64_t b = (static_cast<int64_t>(blockIdx.x) - rec.chunk_begin) * chunk;
   const int64_t e = b + chunk < rec.numel ? b + chunk : rec.numel;
   switch (rec.dtype) {
@@ -365,10 +459,10 @@ __global__ void __launch_bounds__(kThreads) guide_kernel(const TensorRec* recs, 
 }  // namespace
 
 // ---- launchers -------------------------------------------------------------------------------
-void launch_stats(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, float* partials,
-                  cudaStream_t stream) {
+void launch_stats(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
+                  float* partials, cudaStream_t stream) {
   if (P == 0 || C == 0) return;
-  stats_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, P, chunk, partials);
+  stats_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, chunk_tensor, chunk, partials);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -388,17 +482,17 @@ void launch_finalize(const T* partials, const int64_t* seg_offsets, int64_t C, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_apply(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, const float* out,
-                  unsigned long long* counters, cudaStream_t stream) {
+void launch_apply(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
+                  const float* out, unsigned long long* counters, cudaStream_t stream) {
   if (P == 0 || C == 0) return;
-  apply_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, P, chunk, out, counters);
+  apply_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, chunk_tensor, chunk, out, counters);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_guide(const TensorRec* recs, int64_t P, int64_t C, int64_t chunk, const float* out,
-                  cudaStream_t stream) {
+void launch_guide(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
+                  const float* out, cudaStream_t stream) {
   if (P == 0 || C == 0) return;
-  guide_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, P, chunk, out);
+  guide_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, chunk_tensor, chunk, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

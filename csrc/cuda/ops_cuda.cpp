@@ -88,6 +88,50 @@ int64_t assign_chunks(std::vector<TensorRec>& recs, int64_t chunk) {
   return C;
 }
 
+// F_ALIGNED for a record whose present pointers are all 16-byte aligned and whose chunk is a
+// whole number of 16-byte vectors (a view into a flat buffer at an odd offset is not: it takes
+// the element-by-element path alone, the other tensors keep their vector accesses).
+void set_alignment(TensorRec& rec, int64_t chunk, int64_t elem_bytes) {
+  bool ok = (chunk * elem_bytes) % 16 == 0;
+  for (int64_t a : rec.ptr) ok = ok && (a % 16 == 0);
+  rec.flags = ok ? (rec.flags | F_ALIGNED) : (rec.flags & ~F_ALIGNED);
+}
+
+// The chunk → tensor table (int32 [C], device) of records laid out by assign_chunks: built once
+// per list of chunk counts and cached, so a steady loop uploads nothing (and a graph captured
+// after one eager step reads the same table). Never uploaded inside a CUDA graph capture.
+const int32_t* chunk_table(const std::vector<TensorRec>& recs, int64_t C, const at::Device& dev,
+                           cudaStream_t stream) {
+  struct Entry {
+    at::Device dev;
+    std::vector<int64_t> nchunks;
+    at::Tensor table;
+  };
+  static std::mutex mu;
+  static auto& cache = *new std::vector<Entry>();  // never destroyed: no CUDA frees at exit
+  constexpr size_t kMaxEntries = 16;
+  std::vector<int64_t> key(recs.size());
+  for (size_t t = 0; t < recs.size(); ++t) key[t] = recs[t].nchunks;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& e : cache)
+    if (e.dev == dev && e.nchunks == key) return e.table.const_data_ptr<int32_t>();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  TORCH_CHECK(status == cudaStreamCaptureStatusNone,
+              "sgg_fast: the tensor sizes of the step changed during CUDA graph capture, so the chunk "
+              "table would have to be uploaded inside the graph. Run one eager step with the same "
+              "parameters before capturing.");
+  at::Tensor staging = at::empty({C}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  int32_t* h = staging.data_ptr<int32_t>();
+  for (size_t t = 0; t < recs.size(); ++t)
+    for (int64_t c = 0; c < recs[t].nchunks; ++c) h[recs[t].chunk_begin + c] = static_cast<int32_t>(t);
+  at::Tensor table = at::empty({C}, at::TensorOptions().dtype(at::kInt).device(dev));
+  table.copy_(staging, /*non_blocking=*/true);
+  if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
+  cache.push_back(Entry{dev, std::move(key), table});
+  return cache.back().table.const_data_ptr<int32_t>();
+}
+
 // ---- sgg_stats -----------------------------------------------------------------------------
 at::Tensor stats_cuda(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& refs,
                       const c10::List<std::optional<at::Tensor>>& params, int64_t chunk_size,
@@ -116,12 +160,14 @@ at::Tensor stats_cuda(at::TensorList grads, const c10::List<std::optional<at::Te
     rec.ptr[S_P] = p ? as_int(p->const_data_ptr()) : 0;
     rec.numel = g.numel();
     rec.dtype = to_cdt(g.scalar_type());
+    set_alignment(rec, chunk_size, g.element_size());
   }
   const int64_t C = assign_chunks(recs, chunk_size);
   at::Tensor out = at::empty({C, NUM_STATS}, at::TensorOptions().dtype(at::kFloat).device(dev));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const int32_t* tab = chunk_table(recs, C, dev, stream);
   const TensorRec* d = sync_table(recs, ws, ws_host, dev, stream);
-  launch_stats(d, P, C, chunk_size, out.data_ptr<float>(), stream);
+  launch_stats(d, tab, P, C, chunk_size, out.data_ptr<float>(), stream);
   return out;
 }
 
@@ -302,12 +348,14 @@ void adamw_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
     rec.eps = static_cast<float>(eps[i]);
     rec.weight_decay = static_cast<float>(weight_decay[i]);
     rec.ref_beta = static_cast<float>(ref_beta[i]);
+    set_alignment(rec, kCudaApplyChunk, p.element_size());
   }
   const int64_t C = assign_chunks(recs, kCudaApplyChunk);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const int32_t* tab = chunk_table(recs, C, dev, stream);
   TensorRec* d = sync_table(recs, ws, ws_host, dev, stream);
   auto* counters = reinterpret_cast<unsigned long long*>(reinterpret_cast<int64_t*>(d) + kRecWords * P);
-  launch_apply(d, P, C, kCudaApplyChunk, out.const_data_ptr<float>(), counters, stream);
+  launch_apply(d, tab, P, C, kCudaApplyChunk, out.const_data_ptr<float>(), counters, stream);
 }
 
 // ---- sgg_guide_apply -----------------------------------------------------------------------
@@ -345,11 +393,13 @@ void guide_apply_cuda(at::TensorList grads, at::TensorList refs,
     rec.dtype = to_cdt(g.scalar_type());
     rec.ref_mode = static_cast<int32_t>(ref_mode[i]);
     rec.ref_beta = static_cast<float>(ref_beta[i]);
+    set_alignment(rec, kCudaApplyChunk, g.element_size());
   }
   const int64_t C = assign_chunks(recs, kCudaApplyChunk);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const int32_t* tab = chunk_table(recs, C, dev, stream);
   const TensorRec* d = sync_table(recs, ws, ws_host, dev, stream);
-  launch_guide(d, P, C, kCudaApplyChunk, out.const_data_ptr<float>(), stream);
+  launch_guide(d, tab, P, C, kCudaApplyChunk, out.const_data_ptr<float>(), stream);
 }
 
 }  // namespace

@@ -75,7 +75,8 @@ class _Tables:
         self.partials = None       # float32 [C, 4] on the device
         self.steps_old = None      # float32 [P] on the device
         self.dt = None             # common element type code, or DT_MIXED
-        self.aligned = False
+        self.aligned = False       # some tensor is 16-byte aligned (compile the vector path)
+        self.flags = None          # int64 [P] FLAGS without F_ALIGNED (host)
         self.chunk = None
         self.hyper_key = None
         self.hyper = None          # float32 [NG, HYP_COLS] on the device
@@ -84,9 +85,16 @@ class _Tables:
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A device copy of ``host`` without a host sync (pinned staging, non_blocking)."""
+    """A device copy of ``host`` without a host sync (pinned staging, non_blocking); refused
+    during CUDA graph capture (the copy would be recorded into the graph, its source freed)."""
     if device.type == "cpu":
         return host.clone()
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "sgg_fast (backend='triton'): the tensors (addresses, sizes) or settings of the step "
+            "changed during CUDA graph capture, so a device table would have to be uploaded inside "
+            "the graph. Run one eager step with the same tensors and settings before capturing; "
+            "for an lr schedule inside a graph, give the param_group a float32 tensor lr on the device.")
     return host.pin_memory().to(device, non_blocking=True)
 
 
@@ -246,8 +254,9 @@ class TritonBackend(Backend):
         else:
             mp = vp = gp
         sp = [t.data_ptr() for t in plan.steps] if has_steps else [0] * P
-        ptrs = (gp, rp, pp, mp, vp, sp)
-        cols = (L.G, L.R, L.P, L.M, L.V, L.STEP)
+        lrp = self._lr_ptrs(plan, dev)
+        ptrs = (gp, rp, pp, mp, vp, sp, [lrp[gi] for gi in plan.group_index])
+        cols = (L.G, L.R, L.P, L.M, L.V, L.STEP, L.LR)
         changed = [k for k in range(len(ptrs)) if tab.ptrs is None or ptrs[k] != tab.ptrs[k]]
         # gradients must match their parameter's shape, dtype and device (build_plan checks it):
         # only their layout is left to check; anything else that moved gets the full check
@@ -264,8 +273,11 @@ class TritonBackend(Backend):
             host = tab.meta_host
             for k in changed:
                 host[:, cols[k]] = torch.tensor(ptrs[k], dtype=torch.int64)
+            # per tensor: all of g, r, p, m, v 16-byte aligned (chunk starts are multiples of BLOCK)
+            al = [chunk % 16 == 0 and all(ptrs[k][i] % 16 == 0 for k in range(5)) for i in range(P)]
+            host[:, L.FLAGS] = tab.flags | (torch.tensor(al, dtype=torch.int64) * L.F_ALIGNED)
             tab.meta = _upload(host, dev)
-            tab.aligned = all(a % 16 == 0 for lst in ptrs[:5] for a in lst) and chunk % 16 == 0
+            tab.aligned = any(al)
             tab.ptrs = ptrs
 
         # per-group AdamW settings (runtime values: an LR schedule only re-uploads this table)
@@ -293,7 +305,8 @@ class TritonBackend(Backend):
         host[:, L.NUMEL] = n
         host[:, L.SEG] = torch.tensor(plan.seg_of_param, dtype=torch.int64)
         host[:, L.GROUP] = torch.tensor(plan.group_index, dtype=torch.int64)
-        host[:, L.FLAGS] = torch.tensor(flags, dtype=torch.int64)
+        tab.flags = torch.tensor(flags, dtype=torch.int64)
+        host[:, L.FLAGS] = tab.flags
         tab.meta_host = host
         tab.partials = torch.empty(C, 4, dtype=torch.float32, device=dev)
         tab.steps_old = torch.zeros(P, dtype=torch.float32, device=dev)
@@ -303,10 +316,29 @@ class TritonBackend(Backend):
         tab.segs = {}
 
     @staticmethod
+    def _lr_ptrs(plan: StepPlan, dev: torch.device) -> list[int]:
+        """Per group: the address of a tensor ``lr`` (read by the apply kernel on the device, no
+        host sync, graph-capturable), or 0 for a Python number (the hyper table's H_LR)."""
+        out = []
+        for g in plan.groups:
+            lr = g.get("lr")
+            if not isinstance(lr, torch.Tensor):
+                out.append(0)
+                continue
+            if lr.numel() != 1 or lr.dtype != torch.float32 or lr.device != dev:
+                raise RuntimeError(f"backend='triton' reads a tensor lr on the device: it must be a one-element "
+                                   f"float32 tensor on {dev}, got {describe(lr)}")
+            out.append(lr.data_ptr())
+        return out
+
+    @staticmethod
     def _hyper_values(group: dict) -> tuple:
         if "lr" in group:  # SGGAdamW; GradientGuidance's merged groups only carry guidance keys
             b1, b2 = group["betas"]
-            return (float(group["lr"]), float(group["weight_decay"]), float(group["eps"]), float(b1),
+            lr = group["lr"]
+            # a tensor lr is read by the kernel (meta column LR): never float() it (a host sync)
+            lr = 0.0 if isinstance(lr, torch.Tensor) else float(lr)
+            return (lr, float(group["weight_decay"]), float(group["eps"]), float(b1),
                     float(b2), float(group["ref_beta"]))
         return (0.0, 0.0, 0.0, 0.0, 0.0, float(group["ref_beta"]))
 
@@ -319,6 +351,7 @@ class TritonBackend(Backend):
         row[L.H_B1], row[L.H_OMB1], row[L.H_B2], row[L.H_OMB2] = b1, 1.0 - b1, b2, 1.0 - b2
         row[L.H_LNB1], row[L.H_LNB2] = ln(b1), ln(b2)
         row[L.H_RB], row[L.H_OMRB] = rb, 1.0 - rb
+        row[L.H_WD] = wd
         return row
 
     def _segs(self, plan: StepPlan, tab: _Tables, offsets: list[int], L) -> torch.Tensor:
