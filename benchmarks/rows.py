@@ -15,8 +15,8 @@ charged the same bytes, so their GB/s compare directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -103,6 +103,68 @@ def sgg_backends(groups: list[dict]) -> tuple[list[str], dict[str, list[str]]]:
     return ok, why
 
 
+def deepspeed_unavailable_reason() -> str | None:
+    """None when ``deepspeed.ops.adam.DeepSpeedCPUAdam`` imports (the optional ``deepspeed``
+    package; it JIT-builds its CPU op with ninja on first use), else why not."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, or deepspeed failing at import
+        return f"deepspeed does not import ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}); " \
+               "`pip install deepspeed` (optional, not needed by the tests)"
+    return None
+
+
+def _deepspeed_cpu_adam(groups: list[dict]):
+    """ZeRO-Offload's CPU AdamW (decoupled weight decay: adamw_mode=True), fp32 state."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    kw = dict(ADAMW_KW)
+    return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+
+
+class _Pass:
+    """A timed pass that is not an optimizer step (same ``step()`` interface as the rows)."""
+
+    def __init__(self, groups: list[dict], fn):
+        self.param_groups = groups
+        self.step = fn
+
+
+def pass_rows(groups: list[dict]) -> tuple[list[Row], list[str]]:
+    """CPU rows that time one pass over memory: the compiled statistics pass (``sgg_stats`` over
+    ``g`` and ``r = exp_avg``, what a momentum step reads before finalize) and a read baseline
+    (``torch.sum`` over a buffer of the same bytes, 2 elements per parameter, measured in the same
+    run), so that "% of achievable" means something for a read-only pass."""
+    rows: list[Row] = []
+    notes: list[str] = []
+    params = [p for g in groups for p in g["params"]]
+    if params[0].device.type != "cpu":
+        return rows, notes
+
+    def make_read(gs):
+        n = sum(p.numel() for p in params)
+        buf = torch.empty(2 * n, dtype=params[0].dtype).uniform_()
+        return _Pass(gs, lambda: buf.sum())
+
+    rows.append(Row("read baseline: torch.sum over 2·N elements", "pass", None, 2, make_read))
+    from sgg_fast import _ext
+
+    if not _ext.load():
+        notes.append(f"sgg_stats pass not timed: {_ext.error()}")
+        return rows, notes
+    from sgg_fast.backends.cpp_backend import CPU_STATS_CHUNK
+
+    def make_stats(gs):
+        grads = [p.grad for p in params]
+        refs = [torch.randn_like(p) for p in params]  # stands for exp_avg (same bytes)
+        nones = [None] * len(params)
+        ops = torch.ops.sgg_fast
+        return _Pass(gs, lambda: ops.sgg_stats(grads, refs, nones, CPU_STATS_CHUNK))
+
+    rows.append(Row("sgg_stats pass [cpu] (reads g, r)", "pass", None, 2, make_stats))
+    return rows, notes
+
+
 def fused_adamw_supported(groups: list[dict]) -> str | None:
     """None when ``torch.optim.AdamW(fused=True)`` can step these tensors, else the reason."""
     p = groups[0]["params"][0]
@@ -133,6 +195,13 @@ def build_rows(groups: list[dict], *, compile: bool = True, select: str | None =
     if fused_why is None:
         rows.append(Row("clip_grad_norm_ + AdamW(fused)", "adamw", None, BYTES_PER_ELEMENT["clip+adamw"],
                         lambda g: _clip_then(torch.optim.AdamW(g, fused=True, **ADAMW_KW))))
+    if groups[0]["params"][0].device.type == "cpu":
+        ds_why = deepspeed_unavailable_reason()
+        if ds_why is None:
+            rows.append(Row("DeepSpeedCPUAdam(adamw_mode)", "adamw", None, BYTES_PER_ELEMENT["adamw"],
+                            _deepspeed_cpu_adam))
+        else:
+            notes.append(f"DeepSpeedCPUAdam not timed: {ds_why}")
     backends, why = sgg_backends(groups)
     for name, reasons in why.items():
         notes.append(f"SGGAdamW backend {name!r} not timed: " + "; ".join(reasons))

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import measure, workloads
-from .rows import ADAMW_KW, BYTES_PER_ELEMENT, SGG_KW, build_rows
+from .rows import ADAMW_KW, BYTES_PER_ELEMENT, SGG_KW, build_rows, pass_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,6 +61,9 @@ class Result:
     speedup_vs_eager: float = math.nan
     speedup_vs_compiled: float = math.nan
     extra_peak_mib: float = math.nan
+    threads: int = 0
+    cpu_per_wall: float = math.nan
+    pct_read: float = math.nan
     note: str = ""
 
 
@@ -90,9 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--interleave", choices=("auto", "on", "off"), default="auto",
                     help="CPU: time the rows in shuffled rounds (default when all optimizer states fit "
                     "in memory), so noise from other processes spreads over every row")
-    ap.add_argument("--threads", default="auto",
-                    help="CPU: torch intra-op threads: a number, 'default', or 'auto' (default: torch's "
-                    "default, 1 when other processes keep every core busy)")
+    ap.add_argument("--threads", default=None,
+                    help="CPU: torch intra-op thread counts to time, comma-separated: numbers, 'all' (torch's "
+                    "default: every core), 'default', or 'auto' (torch's default, 1 when other processes keep "
+                    "every core busy). Each gets its own tables. Default: '1,all' ('auto' with --quick)")
     ap.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory step")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
                     help="folder for bench.md / bench.csv / bench.png")
@@ -120,12 +124,17 @@ def run_config(size: str, dtype_name: str, device: torch.device, args, pbar=None
     compile_rows = args.compile if args.compile is not None else not args.quick
     rows, notes = build_rows(groups, compile=compile_rows, select=args.rows,
                              compile_refs=tuple(r.strip() for r in args.compile_refs.split(",")))
+    if device.type == "cpu":
+        extra, extra_notes = pass_rows(groups)
+        rows += extra
+        notes += extra_notes
     if pbar is not None:
         pbar.total = (pbar.total or 0) + len(rows)
         pbar.refresh()
     elem = torch.finfo(dtype).bits // 8
     min_time = args.min_time if args.min_time is not None else (0.25 if args.quick else 1.0)
-    out = [Result(size, n, len(params), dtype_name, row.name, row.kind, row.reference or "") for row in rows]
+    out = [Result(size, n, len(params), dtype_name, row.name, row.kind, row.reference or "",
+                  threads=torch.get_num_threads()) for row in rows]
     for row, res in zip(rows, out):
         res.model_gb = row.bytes_per_element * elem * n / 1e9
     warmup = 2 if args.quick else 3
@@ -147,10 +156,12 @@ def run_config(size: str, dtype_name: str, device: torch.device, args, pbar=None
             opt = _start(row, res, groups, device, notes)
             try:
                 if opt is not None:
+                    c0, w0 = time.process_time(), time.perf_counter()
                     t = measure.time_step(opt.step, device, warmup=warmup, min_repeats=5, max_repeats=200,
                                           min_time_s=min_time)
+                    res.cpu_per_wall = (time.process_time() - c0) / (time.perf_counter() - w0)
                     res.ms, res.p20, res.p80, res.samples = t.median_ms, t.p20_ms, t.p80_ms, t.n
-                    if not args.no_memory:
+                    if not args.no_memory and row.kind != "pass":
                         res.extra_peak_mib = measure.extra_peak_bytes(opt.step, device) / 2**20
             except Exception as e:  # noqa: BLE001 - one failing row (e.g. OOM) must not end the run
                 _failed(row, res, e, notes)
@@ -166,7 +177,11 @@ def run_config(size: str, dtype_name: str, device: torch.device, args, pbar=None
     _free(device)
     # ratios within this (size, dtype)
     base = next((r.ms for r in out if r.row == "AdamW(fused=True)"), math.nan)
+    read = next((r.ms for r in out if r.kind == "pass" and r.row.startswith("read baseline")), math.nan)
     for r in out:
+        if r.kind == "pass":  # same bytes as the read baseline: % of the same-run read bandwidth
+            r.pct_read = 100 * read / r.ms
+            continue
         r.x_fused_adamw = r.ms / base
         if r.kind in ("sgg", "eager", "compiled"):
             eager = next((e.ms for e in out if e.kind == "eager" and e.reference == r.reference), math.nan)
@@ -261,7 +276,7 @@ def _run_interleaved(rows, out, groups, device, args, warmup, min_time, notes, p
         try:
             for _ in range(warmup - 1):
                 opt.step()
-            live.append((row, res, opt, []))
+            live.append((row, res, opt, [], [0.0, 0.0]))
         except Exception as e:  # noqa: BLE001
             _failed(row, res, e, notes)
     rng = random.Random(0)
@@ -270,15 +285,19 @@ def _run_interleaved(rows, out, groups, device, args, warmup, min_time, notes, p
     while live and rounds < 200 and (rounds < 5 or time.perf_counter() - start < min_time * len(live)):
         order = list(live)
         rng.shuffle(order)
-        for row, res, opt, samples in order:
-            t0 = time.perf_counter()
+        for _row, _res, opt, samples, cpu_wall in order:
+            c0, t0 = time.process_time(), time.perf_counter()
             opt.step()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            t1 = time.perf_counter()
+            samples.append((t1 - t0) * 1e3)
+            cpu_wall[0] += time.process_time() - c0
+            cpu_wall[1] += t1 - t0
         rounds += 1
-    for row, res, opt, samples in live:
+    for row, res, opt, samples, cpu_wall in live:
         t = measure._quantiles(samples)
         res.ms, res.p20, res.p80, res.samples = t.median_ms, t.p20_ms, t.p80_ms, t.n
-        if not args.no_memory:
+        res.cpu_per_wall = cpu_wall[0] / cpu_wall[1] if cpu_wall[1] > 0 else math.nan
+        if not args.no_memory and row.kind != "pass":
             try:
                 res.extra_peak_mib = measure.extra_peak_bytes(opt.step, device) / 2**20
             except Exception as e:  # noqa: BLE001
@@ -301,13 +320,16 @@ def markdown(results: list[Result], info: dict, copy: dict, notes: list[str], ar
     lines.append(f"- machine: {info.get('gpu', info['cpu'])}" + (f"; host CPU {info['cpu']}" if "gpu" in info else "")
                  + (f"; last-level cache {info['llc']}" if "llc" in info else ""))
     if device == "cpu":
-        lines.append(f"- {info['threads']}")
+        lines.append(f"- threads timed: {info['threads']}")
     lines.append(f"- versions: torch {info['torch']}, triton {info['triton']}, Python {info['python']}, "
                  f"sgg_fast {info['sgg_fast']}")
     lines.append(f"- load average (1/5/15 min) at start: {info['load']}; at end: {info.get('load_end', 'n/a')}"
                  + (" — the machine was shared/busy, expect noise" if info.get("noisy") else ""))
-    lines.append(f"- device copy `dst.copy_(src)`, {copy['mib']} MiB per buffer: {copy['start']:.1f} GB/s at start, "
-                 f"{copy['end']:.1f} GB/s at end (read + write bytes; '% of copy' uses their mean {copy['gbs']:.1f})")
+    for th, c in copy.items():
+        at = f" ({th} thread{'s' if th != 1 else ''})" if th else ""
+        lines.append(f"- device copy `dst.copy_(src)`{at}, {c['mib']} MiB per buffer: "
+                     f"{c['start']:.1f} GB/s at start, {c['end']:.1f} GB/s at end (read + write bytes; '% of copy' "
+                     f"uses their mean {c['gbs']:.1f})")
     lines.append(f"- SGG rows: λ1 (lambda_dir)={SGG_KW['lambda_dir']}, λ2 (lambda_mag)={SGG_KW['lambda_mag']}, "
                  f"λ3 (lambda_align)={SGG_KW['lambda_align']}, mag_mode={SGG_KW['mag_mode']}, granularity=group; "
                  f"lr={ADAMW_KW['lr']}, two param groups (matrices with weight decay 0.01, norm vectors without); "
@@ -324,23 +346,32 @@ def markdown(results: list[Result], info: dict, copy: dict, notes: list[str], ar
                  "steps are charged the same bytes as SGG). '× AdamW(fused)': step time over fused AdamW's "
                  "(lower is better; the byte-model floors are 1.29 momentum, 1.57 ema). 'vs eager' / 'vs compiled': "
                  "how many times faster than the eager SGG step / its torch.compile form with the same reference.")
+    if device == "cpu":
+        lines.append("- 'CPU/wall': process CPU time over wall time while the row was stepped (> 1: more than one "
+                     "core busy; OpenMP worker threads spin-wait briefly between parallel regions, which counts as "
+                     "CPU time). Pass rows (2 elements per parameter read, nothing written): the read baseline "
+                     "`torch.sum` and the compiled statistics pass alone; '% of read' = the statistics pass's "
+                     "bandwidth over the same-run read baseline's.")
     lines.append("")
     keys = []
     for r in results:
-        if (r.size, r.dtype) not in keys:
-            keys.append((r.size, r.dtype))
-    for size, dt in keys:
-        rs = [r for r in results if r.size == size and r.dtype == dt]
-        lines.append(f"**{size}: {rs[0].params / 1e6:.1f}M parameters in {rs[0].tensors} tensors, {dt}, {device}**")
+        if (r.size, r.dtype, r.threads) not in keys:
+            keys.append((r.size, r.dtype, r.threads))
+    cpu = device == "cpu"
+    for size, dt, th in keys:
+        rs = [r for r in results if (r.size, r.dtype, r.threads) == (size, dt, th)]
+        where = f"{device}, {th} thread{'s' if th != 1 else ''}" if cpu else device
+        lines.append(f"**{size}: {rs[0].params / 1e6:.1f}M parameters in {rs[0].tensors} tensors, {dt}, {where}**")
         lines.append("")
         lines.append("| step | ms (median) | p20–p80 | GB/s | % of copy | × AdamW(fused) | vs eager SGG | "
-                     "vs compiled SGG | extra peak MiB | note |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                     "vs compiled SGG | extra peak MiB |" + (" CPU/wall | % of read |" if cpu else "") + " note |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cpu else "") + "---|")
         for r in rs:
             lines.append(
                 f"| {r.row} | {_f(r.ms, '.2f')} | {_f(r.p20, '.2f')}–{_f(r.p80, '.2f')} | {_f(r.gbs, '.1f')} | "
                 f"{_f(r.pct_copy, '.0f')} | {_f(r.x_fused_adamw, '.2f')} | {_f(r.speedup_vs_eager, '.2f')} | "
-                f"{_f(r.speedup_vs_compiled, '.2f')} | {_f(r.extra_peak_mib, '.1f')} | {r.note} |")
+                f"{_f(r.speedup_vs_compiled, '.2f')} | {_f(r.extra_peak_mib, '.1f')} |"
+                + (f" {_f(r.cpu_per_wall, '.2f')} | {_f(r.pct_read, '.0f')} |" if cpu else "") + f" {r.note} |")
         lines.append("")
     head = headline(results)
     if head:
@@ -360,7 +391,8 @@ def headline(results: list[Result]) -> list[str]:
     out = []
     for r in results:
         if r.kind == "sgg" and math.isfinite(r.ms):
-            out.append(f"{r.size} {r.dtype} {r.row}: {_f(r.x_fused_adamw, '.2f')}× fused AdamW, "
+            where = f" ({r.threads} thr)" if r.threads else ""
+            out.append(f"{r.size} {r.dtype}{where} {r.row}: {_f(r.x_fused_adamw, '.2f')}× fused AdamW, "
                        f"{_f(r.speedup_vs_eager, '.2f')}× vs eager, {_f(r.speedup_vs_compiled, '.2f')}× vs compiled")
     return out
 
@@ -416,6 +448,25 @@ def plot(path: str, results: list[Result], copy_gbs: float, info: dict) -> None:
     plt.close(fig)
 
 
+def _thread_settings(args, device: torch.device) -> list[str]:
+    """The --threads values to time, in order ('all' → torch's default thread count)."""
+    if device.type != "cpu":
+        return ["default"]
+    arg = args.threads if args.threads is not None else ("auto" if args.quick else "1,all")
+    default = torch.get_num_threads()
+    out = []
+    for a in (x.strip() for x in arg.split(",")):
+        if not a:
+            continue
+        if a == "all":
+            a = str(default)
+        elif a not in ("auto", "default"):
+            int(a)  # ValueError for a bad value before any work
+        if a not in out:
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = args.t_start = time.perf_counter()
@@ -438,12 +489,12 @@ def main(argv=None) -> int:
         if d not in DTYPES:
             print(f"unknown --dtype {d!r}; choose from {', '.join(DTYPES)}", file=sys.stderr)
             return 2
-    threads_note = measure.choose_threads(args.threads, device)
+    settings = _thread_settings(args, device)
+    default_threads = torch.get_num_threads()
     info = measure.machine_info(device)
-    info["threads"] = threads_note
     copy_mib = measure.copy_buffer_bytes(device, args.quick) >> 20
-    copy_start, _ = measure.copy_bandwidth(device, copy_mib << 20)
-    _free(device)
+    copy: dict = {}
+    notes_threads: list[str] = []
 
     results: list[Result] = []
     notes: list[str] = []
@@ -454,23 +505,33 @@ def main(argv=None) -> int:
     except ImportError:  # e.g. a bare GPU image: no progress bar
         pbar = None
     try:
-        for size in sizes:
-            for dt in dtypes:
-                rs, ns = run_config(size, dt, device, args, pbar)
-                results += rs
-                notes += ns
+        for setting in settings:
+            torch.set_num_threads(default_threads)
+            notes_threads.append(measure.choose_threads(setting, device))
+            th = torch.get_num_threads() if device.type == "cpu" else 0
+            copy_start, _ = measure.copy_bandwidth(device, copy_mib << 20)
+            _free(device)
+            first = len(results)
+            for size in sizes:
+                for dt in dtypes:
+                    rs, ns = run_config(size, dt, device, args, pbar)
+                    results += rs
+                    notes += ns
+            copy_end, _ = measure.copy_bandwidth(device, copy_mib << 20)
+            c = copy[th] = dict(mib=copy_mib, start=copy_start, end=copy_end, gbs=(copy_start + copy_end) / 2)
+            for r in results[first:]:
+                r.pct_copy = 100 * r.gbs / c["gbs"]
     finally:
         if pbar is not None:
             pbar.close()
-    copy_end, _ = measure.copy_bandwidth(device, copy_mib << 20)
-    copy_gbs = (copy_start + copy_end) / 2
-    for r in results:
-        r.pct_copy = 100 * r.gbs / copy_gbs
+    info["threads"] = "; ".join(notes_threads)
+    copy_gbs = next(iter(copy.values()))["gbs"] if copy else math.nan
     info["load_end"] = "%.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else "n/a"
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         # more runnable work than our own threads: others were using the cores
         info["noisy"] = max(float(info["load"].split()[0]), os.getloadavg()[0]) > os.cpu_count() + 0.5
-    copy = dict(mib=copy_mib, start=copy_start, end=copy_end, gbs=copy_gbs)
+    if device.type != "cpu":
+        copy = {0: copy[0]} if 0 in copy else copy
     md = markdown(results, info, copy, notes, args, time.perf_counter() - t_start)
     print(md)
     os.makedirs(args.out, exist_ok=True)
@@ -481,7 +542,9 @@ def main(argv=None) -> int:
     written = [stem + ".md", stem + ".csv"]
     if not args.no_plot and results:
         try:
-            plot(stem + ".png", results, copy_gbs, info)
+            last = results[-1].threads  # one thread count per picture: the last one timed
+            plot(stem + ".png", [r for r in results if r.threads == last],
+                 copy.get(last, {}).get("gbs", copy_gbs), info)
             written.append(stem + ".png")
         except Exception as e:  # noqa: BLE001 - the table matters more than the picture
             print(f"(plot not written: {type(e).__name__}: {e})", file=sys.stderr)

@@ -9,10 +9,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from conftest import cpu_backends  # noqa: E402
+
 from benchmarks import workloads  # noqa: E402
 from benchmarks.eager_sgg import EagerSGGAdamW, sgg_adamw_group  # noqa: E402
 from benchmarks.rows import BYTES_PER_ELEMENT, SGG_KW, build_rows  # noqa: E402
-from conftest import cpu_backends  # noqa: E402
 from sgg_fast import SGGAdamW  # noqa: E402
 
 
@@ -52,3 +53,24 @@ def test_workload_shapes_are_llm_like():
     assert sum(1 for s, decay in shapes if not decay) == 2 * shape.layers + 1
     ps = workloads.make_params("1M", torch.bfloat16, "cpu")
     assert all(p.dtype == torch.bfloat16 and p.grad is not None and p.grad.abs().sum() > 0 for p in ps)
+
+
+def test_deepspeed_row_or_its_reason_and_the_pass_rows():
+    """DeepSpeedCPUAdam is timed when deepspeed imports, else the table says why; the CPU pass
+    rows (read baseline, statistics pass) read the same bytes and step without error."""
+    from benchmarks.rows import deepspeed_unavailable_reason, pass_rows
+
+    params = workloads.make_params("1M", torch.float32, "cpu")
+    groups = workloads.param_groups("1M", params)
+    rows, notes = build_rows(groups, compile=False)
+    names = [r.name for r in rows]
+    why = deepspeed_unavailable_reason()
+    if why is None:
+        assert "DeepSpeedCPUAdam(adamw_mode)" in names
+    else:
+        assert "DeepSpeedCPUAdam(adamw_mode)" not in names
+        assert any(n.startswith("DeepSpeedCPUAdam not timed: deepspeed does not import") for n in notes)
+    extra, _ = pass_rows(groups)
+    assert [r.bytes_per_element for r in extra] == [2] * len(extra) and extra[0].name.startswith("read baseline")
+    for row in extra:
+        row.create(groups).step()

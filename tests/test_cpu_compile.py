@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from sgg_fast import SGGAdamW, _ext
+from sgg_fast import _ext
 
 if not _ext.load():
     pytest.skip(f"compiled extension unavailable: {_ext.error()}", allow_module_level=True)

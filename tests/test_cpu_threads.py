@@ -108,8 +108,8 @@ def test_apply_bitwise_for_any_thread_count(threads, dtype):
 def _full_steps(n: int, dtype):
     torch.manual_seed(11)
     ps = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
-    opt = SGGAdamW([{"params": ps[:3]}, {"params": ps[3:], "reference": "ema", "amsgrad": True}], lr=1e-2, lambda_dir=0.3,
-                   lambda_mag=0.8, lambda_align=1.0, backend="cpu")
+    groups = [{"params": ps[:3]}, {"params": ps[3:], "reference": "ema", "amsgrad": True}]
+    opt = SGGAdamW(groups, lr=1e-2, lambda_dir=0.3, lambda_mag=0.8, lambda_align=1.0, backend="cpu")
     for _ in range(3):
         for p in ps:
             p.grad = torch.randn(p.shape, dtype=dtype)

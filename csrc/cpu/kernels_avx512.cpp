@@ -2,6 +2,12 @@
 // See kernels_avx2.cpp for why this is a pragma and what CPU_CAPABILITY does.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512dq")
+#if __GNUC__ < 13
+// GCC < 13 (PR 105593) reports "'__Y' is used uninitialized" inside avx512fintrin.h wherever
+// an intrinsic built on _mm512_undefined_ps() (`__m512 __Y = __Y;`, deliberately undefined:
+// _mm512_max_ps, the masked loads/stores, conversions) is inlined; this file only.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 // The pragma does not define the ISA macros that headers test (sleef.h declares its
 // vector functions under #ifdef __AVX__ ...): define them for this file only.
 #ifndef __AVX__
