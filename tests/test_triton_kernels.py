@@ -712,3 +712,18 @@ def test_table_upload_refused_during_graph_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="during CUDA graph capture"):
         TB._upload(torch.zeros(3, dtype=torch.int64), torch.device("cuda"))
+
+
+def test_tensor_lr_the_kernel_cannot_read_is_read_on_the_host():
+    """A float64 tensor lr is not the kernel's float32 scalar: read on the host, same result."""
+    ps = _params([(300,)], [torch.float32], seed=7)
+    qs = _params([(300,)], [torch.float32], seed=7)
+    a = SGGAdamW(ps, lr=torch.tensor(1e-2, dtype=torch.float64), weight_decay=0.1, backend="triton")
+    b = SGGAdamW(qs, lr=1e-2, weight_decay=0.1, backend="triton")
+    for n in range(2):
+        _set_grads(ps, seed=50 + n)
+        _set_grads(qs, seed=50 + n)
+        a.step()
+        b.step()
+    assert a._engine.cache["triton"].meta_host[0, TB._kernels()[2].LR] == 0
+    assert torch.equal(ps[0], qs[0])

@@ -98,6 +98,17 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def _device_lr(lr, dev: torch.device | None) -> bool:
+    """``lr`` is a tensor the apply kernel can read on ``dev``: one float32 element there."""
+    return (isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.dtype == torch.float32
+            and dev is not None and lr.device == dev)
+
+
+def _params_device(group: dict) -> torch.device | None:
+    params = group.get("params") or []
+    return params[0].device if params else None
+
+
 def _on(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -319,25 +330,16 @@ class TritonBackend(Backend):
     def _lr_ptrs(plan: StepPlan, dev: torch.device) -> list[int]:
         """Per group: the address of a tensor ``lr`` (read by the apply kernel on the device, no
         host sync, graph-capturable), or 0 for a Python number (the hyper table's H_LR)."""
-        out = []
-        for g in plan.groups:
-            lr = g.get("lr")
-            if not isinstance(lr, torch.Tensor):
-                out.append(0)
-                continue
-            if lr.numel() != 1 or lr.dtype != torch.float32 or lr.device != dev:
-                raise RuntimeError(f"backend='triton' reads a tensor lr on the device: it must be a one-element "
-                                   f"float32 tensor on {dev}, got {describe(lr)}")
-            out.append(lr.data_ptr())
-        return out
+        return [g["lr"].data_ptr() if _device_lr(g.get("lr"), dev) else 0 for g in plan.groups]
 
     @staticmethod
     def _hyper_values(group: dict) -> tuple:
         if "lr" in group:  # SGGAdamW; GradientGuidance's merged groups only carry guidance keys
             b1, b2 = group["betas"]
             lr = group["lr"]
-            # a tensor lr is read by the kernel (meta column LR): never float() it (a host sync)
-            lr = 0.0 if isinstance(lr, torch.Tensor) else float(lr)
+            # a float32 tensor lr on the step's device is read by the kernel (meta column LR): never
+            # float() it (a host sync); any other tensor lr is read here, on the host
+            lr = 0.0 if _device_lr(lr, _params_device(group)) else float(lr)
             return (lr, float(group["weight_decay"]), float(group["eps"]), float(b1),
                     float(b2), float(group["ref_beta"]))
         return (0.0, 0.0, 0.0, 0.0, 0.0, float(group["ref_beta"]))
