@@ -172,3 +172,42 @@ def test_error_input(ei):
     got = _outcome(SGGAdamW, ei, **ZERO)
     assert got[0] == want[0] and got[1] is want[1], (got, want)
     assert re.search(ei.error_regex, got[2]), (ei.error_regex, got[2])
+
+
+# -- signature and param-group keys ----------------------------------------------------------
+def test_signature_covers_adamw():
+    """Every parameter of torch's AdamW, with its default and kind; every key of its groups."""
+    import inspect
+    mine = inspect.signature(SGGAdamW).parameters
+    for name, par in inspect.signature(torch.optim.AdamW).parameters.items():
+        assert name in mine, name
+        assert mine[name].kind == par.kind, (name, mine[name].kind, par.kind)
+        if par.default is not inspect.Parameter.empty:
+            assert mine[name].default == par.default, (name, mine[name].default, par.default)
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    assert set(torch.optim.AdamW([q]).param_groups[0]) <= set(SGGAdamW([p]).param_groups[0])
+    assert SGGAdamW([p]).param_groups[0]["decoupled_weight_decay"] is True
+
+
+def test_decoupled_weight_decay():
+    ps, qs = _params()
+    # torch's Adam with decoupled weight decay is AdamW: its checkpoint continues in SGGAdamW (λ = 0)
+    adam = torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, foreach=False)
+    ref = torch.optim.AdamW(qs, lr=1e-2, weight_decay=0.1, foreach=False)
+    bounds = step_pair(adam, ref, ps, qs, 2)
+    opt = SGGAdamW(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, backend="torch", **ZERO)
+    opt.load_state_dict(copy.deepcopy(adam.state_dict()))
+    bounds = step_pair(opt, ref, ps, qs, 2, seed=1, bounds=bounds)
+    assert assert_matches_adamw(opt, ref, ps, qs, bounds) <= 1.0
+    # Adam's L2 penalty is another optimizer: refused, in the constructor and in a loaded group
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        SGGAdamW(ps, decoupled_weight_decay=False)
+    l2 = torch.optim.Adam(qs, weight_decay=0.1)
+    for q in qs:
+        q.grad = torch.ones_like(q)
+    l2.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        opt.load_state_dict(l2.state_dict())
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    torch.testing.assert_close(opt.state_dict()["state"], before["state"], rtol=0, atol=0)
