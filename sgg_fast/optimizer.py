@@ -135,6 +135,10 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         differentiable: ``True`` raises ``NotImplementedError``.
         fused: ``True`` asks for a fused backend (``RuntimeError`` with the reasons when none
             can serve a step); ``None``/``False``: ``backend`` decides.
+        decoupled_weight_decay: ``True`` only (``False``, Adam's L2 penalty, raises
+            ``ValueError``): the key torch's AdamW keeps in its param groups, accepted so that
+            ``torch.optim.Adam(..., decoupled_weight_decay=True)`` code and its state dicts carry
+            over; not in AdamW's own signature.
         lambda_dir (λ1), lambda_mag (λ2), lambda_align (λ3): guidance strengths in [0, 1].
         mag_mode: ``"absolute" | "relative" | "param"``; max_norm, mag_ratio, mag_beta: its τ.
         reference: ``"momentum" | "ema" | "source"``; ref_beta: the EMA's decay.
@@ -165,6 +169,7 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = True,
                  lambda_dir: float = 0.2, lambda_mag: float = 1.0, lambda_align: float = 1.0,
                  mag_mode: str = "relative", max_norm: float = 1.0, mag_ratio: float = 2.0,
                  mag_beta: float = 0.9, reference: str = "momentum", ref_beta: float = 0.9,
@@ -183,8 +188,8 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable,
-                        fused=fused, lambda_dir=lambda_dir, lambda_mag=lambda_mag,
-                        lambda_align=lambda_align, mag_mode=mag_mode, max_norm=max_norm,
+                        fused=fused, decoupled_weight_decay=decoupled_weight_decay,
+                        lambda_dir=lambda_dir, lambda_mag=lambda_mag, lambda_align=lambda_align, mag_mode=mag_mode, max_norm=max_norm,
                         mag_ratio=mag_ratio, mag_beta=mag_beta, reference=reference,
                         ref_beta=ref_beta, granularity=granularity, nonfinite=nonfinite)
         self._validate_group(defaults)

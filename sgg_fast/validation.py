@@ -117,6 +117,11 @@ def validate_adamw(group: dict) -> None:
     for k in ("foreach", "fused"):
         if group.get(k) is not None:
             check_flag(k, group[k])
+    # the key torch's AdamW keeps in its groups (Adam's with decoupled_weight_decay=True)
+    check_flag("decoupled_weight_decay", group.get("decoupled_weight_decay", True))
+    if not group.get("decoupled_weight_decay", True):
+        raise ValueError("SGGAdamW's weight decay is decoupled (AdamW's); decoupled_weight_decay=False, "
+                         "Adam's L2 penalty added to the gradient, is not supported")
     # torch.optim.AdamW's own restrictions, kept so that code written for it behaves the same
     if group.get("fused") and group.get("differentiable"):
         raise RuntimeError("`fused` does not support `differentiable`")

