@@ -19,7 +19,9 @@ in code) or ``--smollm2`` (SmolLM2-135M with its real weights, loaded offline as
 Columns: medians over ``--steps`` timed steps (after ``--warmup``; ``--rounds`` repeats the whole
 sequence of variants, which spreads the drift of a shared machine over all of them) of forward,
 backward (which includes the optimizer work for ``b``/``e``), ``step()`` (end of backward to end
-of ``step()``) and their sum. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
+of ``step()``) and their sum. On CPU these are process CPU times (``time.process_time``, all
+threads), which a machine shared with other jobs inflates far less than wall time; the wall total
+is printed next to them. On CUDA they are wall times with a device sync after each phase. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
 the allocations and frees of torch's CPU allocator during one whole training step, recorded by
 ``torch.profiler(profile_memory=True)`` (a step apart from the timed ones), added to the bytes
 live before it (parameters + optimizer state; the gradients were freed by ``zero_grad``).
@@ -111,19 +113,21 @@ def make_variant(key, model, lr):
 
 
 def train_step(model, opt, x, device, times=None):
-    t0 = time.perf_counter()
+    """One step; ``times`` gets (forward, backward, step, total) in wall seconds then the same in
+    process CPU seconds (all threads of this process: what the work costs, whatever else runs)."""
+    c0, t0 = time.process_time(), time.perf_counter()
     loss = model(input_ids=x, labels=x).loss
     measure.sync(device)
-    t1 = time.perf_counter()
+    c1, t1 = time.process_time(), time.perf_counter()
     loss.backward()
     measure.sync(device)
-    t2 = time.perf_counter()
+    c2, t2 = time.process_time(), time.perf_counter()
     opt.step()
     measure.sync(device)
-    t3 = time.perf_counter()
+    c3, t3 = time.process_time(), time.perf_counter()
     opt.zero_grad(set_to_none=True)
     if times is not None:
-        times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+        times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0, c1 - c0, c2 - c1, c3 - c2, c3 - c0))
     return float(loss.detach())
 
 
@@ -205,24 +209,31 @@ def main(argv=None) -> int:
     print(f"- {info['date']}; {info['cpu']}; {threads}; torch {info['torch']}; sgg_fast {info['sgg_fast']}; "
           f"load {info['load']}")
     print(f"- medians over {args.rounds} × {args.steps} steps; gradients {grad_bytes / 2**20:.0f} MiB\n")
-    print("| | optimizer | forward ms | backward ms | step() ms | total ms | × a | peak MiB | "
-          "peak − a MiB | loss (last) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    cpu = device.type == "cpu"
+    unit = "CPU ms" if cpu else "ms"
+    print(f"| | optimizer | forward {unit} | backward {unit} | step() {unit} | total {unit} | × a | × b | "
+          "total wall ms | peak MiB | peak − a MiB | loss (last) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    med = {k: [statistics.median(t[j] for t in r["times"]) * 1e3 for j in range(4)] for k, r in results.items()}
+    med = {k: [statistics.median(t[j] for t in r["times"]) * 1e3 for j in range(8)] for k, r in results.items()}
     peaks = {k: statistics.median(r["peaks"]) for k, r in results.items()}
-    a_total = med.get("a", [0, 0, 0, 0])[3]
+    col = 4 if cpu else 0   # CPU time on a CPU (robust on a shared machine), wall time on CUDA
+    base = {k: med[k][col + 3] for k in ("a", "b") if k in med}
     a_peak = peaks.get("a")
     for k in keys:
-        f, b, s, t = med[k]
+        m = med[k]
+        f, b, s, t = m[col:col + 4]
         row = dict(model=name, params=n_params, dtype=args.dtype, batch=args.batch, seq=args.seq,
-                   device=device.type, variant=k, optimizer=VARIANTS[k], forward_ms=f, backward_ms=b,
-                   step_ms=s, total_ms=t, peak_mib=peaks[k] / 2**20, grad_mib=grad_bytes / 2**20,
-                   loss_last=results[k]["losses"][-1], date=info["date"], cpu=info["cpu"], threads=threads)
+                   device=device.type, variant=k, optimizer=VARIANTS[k], forward_ms=m[0], backward_ms=m[1],
+                   step_ms=m[2], total_ms=m[3], cpu_forward_ms=m[4], cpu_backward_ms=m[5], cpu_step_ms=m[6],
+                   cpu_total_ms=m[7], peak_mib=peaks[k] / 2**20, grad_mib=grad_bytes / 2**20,
+                   loss_last=results[k]["losses"][-1], date=info["date"], cpu=info["cpu"], threads=threads,
+                   load=info["load"], samples=len(results[k]["times"]))
         rows.append(row)
-        ratio = f"{t / a_total:.3f}" if a_total else "–"
+        ra = f"{t / base['a']:.3f}" if "a" in base else "–"
+        rb = f"{t / base['b']:.3f}" if "b" in base else "–"
         dpeak = f"{(peaks[k] - a_peak) / 2**20:+.0f}" if a_peak is not None else "–"
-        print(f"| {k} | {VARIANTS[k]} | {f:.1f} | {b:.1f} | {s:.1f} | {t:.1f} | {ratio} | "
+        print(f"| {k} | {VARIANTS[k]} | {f:.1f} | {b:.1f} | {s:.1f} | {t:.1f} | {ra} | {rb} | {m[3]:.0f} | "
               f"{peaks[k] / 2**20:.0f} | {dpeak} | {row['loss_last']:.4f} |")
     if args.json:
         with open(args.json, "a") as fh:

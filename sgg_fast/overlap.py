@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import weakref
 from typing import Any, Iterable
 
@@ -157,6 +158,8 @@ class OverlapHandle:
         self._caches: dict[torch.Tensor, dict] = {}
         self._backend_cache: dict = {}
         self._index: dict[torch.Tensor, tuple[int, int]] = {}
+        # autograd runs the hooks of each device on that device's thread: one hook at a time
+        self._lock = threading.Lock()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
         self._handles.append(optimizer.register_load_state_dict_post_hook(
             lambda opt: self._stats.clear()))
@@ -274,8 +277,8 @@ class OverlapHandle:
         g = p.grad
         if g is None:
             return
-        self._check_used(p, g)
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
+            self._check_used(p, g)
             if self.mode == "step":
                 self._step_one(p, g)
             else:
@@ -305,8 +308,11 @@ class OverlapHandle:
             return  # step() raises its state-mismatch error
         plan.refs.append(ref)  # None: no state yet, the step starts from a zero reference
         backend = self._backend(plan)
-        if backend.input_reasons(plan):
-            return  # step() takes these statistics itself (and says why if it cannot)
+        if backend.same_layout:   # its input_reasons for a statistics-only plan, inline
+            st_ = p.stride()
+            if (g.numel() > 1 and g.stride() != st_) or (ref is not None and ref.numel() > 1
+                                                          and ref.stride() != st_):
+                return  # step() takes these statistics itself (and says why if it cannot)
         values = backend.stats(plan).values
         want_pp = group["mag_mode"] == "param"
         self._stats[p] = _Stats(backend.name, values, _key(g), _key(ref), ref is None,
@@ -316,7 +322,8 @@ class OverlapHandle:
     def _step_one(self, p: torch.Tensor, g: torch.Tensor) -> None:
         """Mode "step": the whole SGG step of this tensor, then its gradient is freed."""
         opt = self._opt
-        opt._check_settings(opt.param_groups)
+        if not self._used:   # the first hook of this step: settings cannot change during backward
+            opt._check_settings(opt.param_groups)
         plan = self._one_plan(p, g)
         opt._check_state(plan)
         pending = opt._init_group(plan)
