@@ -21,7 +21,10 @@ sequence of variants, which spreads the drift of a shared machine over all of th
 backward (which includes the optimizer work for ``b``/``e``), ``step()`` (end of backward to end
 of ``step()``) and their sum. On CPU these are process CPU times (``time.process_time``, all
 threads), which a machine shared with other jobs inflates far less than wall time; the wall total
-is printed next to them. On CUDA they are wall times with a device sync after each phase. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
+is printed next to them. On CUDA they are wall times with a device sync after each phase.
+"in hooks": CPU time inside the optimizer's hooks (``b``, ``d``, ``e``; part of backward);
+"optimizer": hooks + ``step()`` CPU time, the optimizer's whole cost, comparable across variants
+even when backward's own time is noisy. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
 the allocations and frees of torch's CPU allocator during one whole training step, recorded by
 ``torch.profiler(profile_memory=True)`` (a step apart from the timed ones), added to the bytes
 live before it (parameters + optimizer state; the gradients were freed by ``zero_grad``).
@@ -67,6 +70,29 @@ VARIANTS = {
 }
 
 
+class _HookClock:
+    """Process CPU seconds spent inside the optimizer's backward hooks (read once per step)."""
+
+    def __init__(self):
+        self.total = 0.0
+
+    def wrap(self, fn):
+        def timed(*a):
+            c = time.process_time()
+            try:
+                return fn(*a)
+            finally:
+                self.total += time.process_time() - c
+        return timed
+
+    def take(self) -> float:
+        t, self.total = self.total, 0.0
+        return t
+
+
+CLOCK = _HookClock()
+
+
 class _InBackwardAdamW:
     """PyTorch's optimizer-in-backward pattern: one fused AdamW per parameter, in its hook."""
 
@@ -75,7 +101,7 @@ class _InBackwardAdamW:
         for g in groups:
             for p in g["params"]:
                 self.opts[p] = torch.optim.AdamW([p], fused=True, weight_decay=g["weight_decay"], **kw)
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.opts]
+        self.handles = [p.register_post_accumulate_grad_hook(CLOCK.wrap(self._hook)) for p in self.opts]
 
     def _hook(self, p):
         o = self.opts[p]
@@ -108,13 +134,16 @@ def make_variant(key, model, lr):
     gran = "tensor" if key in ("c/t", "e") else "group"
     opt = SGGAdamW(groups, granularity=gran, **kw, **SGG_KW)
     if key in ("d", "e"):
-        return opt, overlap_backward(model, opt, mode="stats" if key == "d" else "step")
+        h = overlap_backward(model, opt, mode="stats" if key == "d" else "step")
+        h._stats_one, h._step_one = CLOCK.wrap(h._stats_one), CLOCK.wrap(h._step_one)
+        return opt, h
     return opt, None
 
 
 def train_step(model, opt, x, device, times=None):
-    """One step; ``times`` gets (forward, backward, step, total) in wall seconds then the same in
-    process CPU seconds (all threads of this process: what the work costs, whatever else runs)."""
+    """One step; ``times`` gets (forward, backward, step, total) in wall seconds, the same in
+    process CPU seconds (all threads of this process: what the work costs, whatever else runs),
+    the CPU seconds inside the optimizer's backward hooks and the optimizer's total (hooks + step)."""
     c0, t0 = time.process_time(), time.perf_counter()
     loss = model(input_ids=x, labels=x).loss
     measure.sync(device)
@@ -126,8 +155,10 @@ def train_step(model, opt, x, device, times=None):
     measure.sync(device)
     c3, t3 = time.process_time(), time.perf_counter()
     opt.zero_grad(set_to_none=True)
+    hooks = CLOCK.take()
     if times is not None:
-        times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0, c1 - c0, c2 - c1, c3 - c2, c3 - c0))
+        times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0, c1 - c0, c2 - c1, c3 - c2, c3 - c0,
+                      hooks, hooks + c3 - c2))
     return float(loss.detach())
 
 
@@ -212,10 +243,10 @@ def main(argv=None) -> int:
     cpu = device.type == "cpu"
     unit = "CPU ms" if cpu else "ms"
     print(f"| | optimizer | forward {unit} | backward {unit} | step() {unit} | total {unit} | × a | × b | "
-          "total wall ms | peak MiB | peak − a MiB | loss (last) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "total wall ms | in hooks CPU ms | optimizer CPU ms | opt × a | peak MiB | peak − a MiB | loss (last) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    med = {k: [statistics.median(t[j] for t in r["times"]) * 1e3 for j in range(8)] for k, r in results.items()}
+    med = {k: [statistics.median(t[j] for t in r["times"]) * 1e3 for j in range(10)] for k, r in results.items()}
     peaks = {k: statistics.median(r["peaks"]) for k, r in results.items()}
     col = 4 if cpu else 0   # CPU time on a CPU (robust on a shared machine), wall time on CUDA
     base = {k: med[k][col + 3] for k in ("a", "b") if k in med}
@@ -226,15 +257,16 @@ def main(argv=None) -> int:
         row = dict(model=name, params=n_params, dtype=args.dtype, batch=args.batch, seq=args.seq,
                    device=device.type, variant=k, optimizer=VARIANTS[k], forward_ms=m[0], backward_ms=m[1],
                    step_ms=m[2], total_ms=m[3], cpu_forward_ms=m[4], cpu_backward_ms=m[5], cpu_step_ms=m[6],
-                   cpu_total_ms=m[7], peak_mib=peaks[k] / 2**20, grad_mib=grad_bytes / 2**20,
+                   cpu_total_ms=m[7], hooks_cpu_ms=m[8], optimizer_cpu_ms=m[9], peak_mib=peaks[k] / 2**20, grad_mib=grad_bytes / 2**20,
                    loss_last=results[k]["losses"][-1], date=info["date"], cpu=info["cpu"], threads=threads,
                    load=info["load"], samples=len(results[k]["times"]))
         rows.append(row)
         ra = f"{t / base['a']:.3f}" if "a" in base else "–"
         rb = f"{t / base['b']:.3f}" if "b" in base else "–"
         dpeak = f"{(peaks[k] - a_peak) / 2**20:+.0f}" if a_peak is not None else "–"
+        ro = f"{m[9] / med['a'][9]:.2f}" if "a" in med and med["a"][9] else "–"
         print(f"| {k} | {VARIANTS[k]} | {f:.1f} | {b:.1f} | {s:.1f} | {t:.1f} | {ra} | {rb} | {m[3]:.0f} | "
-              f"{peaks[k] / 2**20:.0f} | {dpeak} | {row['loss_last']:.4f} |")
+              f"{m[8]:.1f} | {m[9]:.1f} | {ro} | {peaks[k] / 2**20:.0f} | {dpeak} | {row['loss_last']:.4f} |")
     if args.json:
         with open(args.json, "a") as fh:
             for row in rows:
