@@ -16,7 +16,7 @@ in code) or ``--smollm2`` (SmolLM2-135M with its real weights, loaded offline as
 * ``e``  ``SGGAdamW(granularity="tensor")`` with ``overlap_backward(model, opt, mode="step")``:
   the whole step in backward, each gradient freed once used.
 
-Columns: medians over ``--steps`` timed steps (after ``--warmup``; ``--rounds`` repeats the whole
+Columns: the minimum (``--stat``) over ``--steps`` timed steps (after ``--warmup``; ``--rounds`` repeats the whole
 sequence of variants, which spreads the drift of a shared machine over all of them) of forward,
 backward (which includes the optimizer work for ``b``/``e``), ``step()`` (end of backward to end
 of ``step()``) and their sum. On CPU these are process CPU times (``time.process_time``, all
@@ -207,6 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--stat", default="min", choices=["min", "median"],
+                    help="per column, over the timed steps: min (the sample least disturbed by other "
+                         "processes on a shared machine; default) or median. The JSON has both.")
     ap.add_argument("--threads", default="auto", help="torch threads on CPU (see benchmarks/measure.py)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
@@ -239,14 +242,17 @@ def main(argv=None) -> int:
           f"tokens, {device.type}\n")
     print(f"- {info['date']}; {info['cpu']}; {threads}; torch {info['torch']}; sgg_fast {info['sgg_fast']}; "
           f"load {info['load']}")
-    print(f"- medians over {args.rounds} × {args.steps} steps; gradients {grad_bytes / 2**20:.0f} MiB\n")
+    print(f"- {args.stat} over {args.rounds} × {args.steps} steps; gradients {grad_bytes / 2**20:.0f} MiB\n")
     cpu = device.type == "cpu"
     unit = "CPU ms" if cpu else "ms"
     print(f"| | optimizer | forward {unit} | backward {unit} | step() {unit} | total {unit} | × a | × b | "
           "total wall ms | in hooks CPU ms | optimizer CPU ms | opt × a | peak MiB | peak − a MiB | loss (last) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    med = {k: [statistics.median(t[j] for t in r["times"]) * 1e3 for j in range(10)] for k, r in results.items()}
+    pick = min if args.stat == "min" else statistics.median
+    med = {k: [pick(t[j] for t in r["times"]) * 1e3 for j in range(10)] for k, r in results.items()}
+    medians = {k: [statistics.median(t[j] for t in r["times"]) * 1e3 for j in range(10)]
+               for k, r in results.items()}
     peaks = {k: statistics.median(r["peaks"]) for k, r in results.items()}
     col = 4 if cpu else 0   # CPU time on a CPU (robust on a shared machine), wall time on CUDA
     base = {k: med[k][col + 3] for k in ("a", "b") if k in med}
@@ -259,7 +265,10 @@ def main(argv=None) -> int:
                    step_ms=m[2], total_ms=m[3], cpu_forward_ms=m[4], cpu_backward_ms=m[5], cpu_step_ms=m[6],
                    cpu_total_ms=m[7], hooks_cpu_ms=m[8], optimizer_cpu_ms=m[9], peak_mib=peaks[k] / 2**20, grad_mib=grad_bytes / 2**20,
                    loss_last=results[k]["losses"][-1], date=info["date"], cpu=info["cpu"], threads=threads,
-                   load=info["load"], samples=len(results[k]["times"]))
+                   load=info["load"], samples=len(results[k]["times"]), stat=args.stat,
+                   medians=dict(zip(("forward_ms", "backward_ms", "step_ms", "total_ms", "cpu_forward_ms",
+                                     "cpu_backward_ms", "cpu_step_ms", "cpu_total_ms", "hooks_cpu_ms",
+                                     "optimizer_cpu_ms"), medians[k])))
         rows.append(row)
         ra = f"{t / base['a']:.3f}" if "a" in base else "–"
         rb = f"{t / base['b']:.3f}" if "b" in base else "–"
