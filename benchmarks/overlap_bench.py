@@ -215,9 +215,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     ap.add_argument("--plot", default=None, metavar="PNG",
                     help="only draw peak memory vs parameters from --json's rows into PNG")
+    ap.add_argument("--report", action="store_true",
+                    help="only print compact markdown tables of --json's rows (for RESULTS.md)")
     args = ap.parse_args(argv)
     if args.plot:
         return plot(args.json, args.plot)
+    if args.report:
+        return report(args.json)
     if args.smollm2 == (args.config is not None):
         raise SystemExit("pass either --smollm2 or --config NAME")
     device = torch.device(args.device)
@@ -283,6 +287,39 @@ def main(argv=None) -> int:
     return 0
 
 
+def report(path: str | None) -> int:
+    if not path:
+        raise SystemExit("--report needs --json FILE with the rows")
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    runs: dict = {}
+    for r in rows:
+        runs.setdefault((r["model"], r["params"], r["dtype"], r["batch"], r["seq"], r["date"]), {})[r["variant"]] = r
+    for (model, n, dtype, batch, seq, date), vs in runs.items():
+        any_row = next(iter(vs.values()))
+        print(f"\n#### {model}: {n / 1e6:.1f} M parameters, {dtype}, batch {batch} × {seq} tokens — "
+              f"{any_row['device']}, {date}\n")
+        print(f"{any_row['cpu']}; load {any_row.get('load', '?')}; "
+              f"{any_row.get('stat', 'median')} over {any_row.get('samples', '?')} steps; gradients "
+              f"{any_row['grad_mib']:.0f} MiB.\n")
+        cpu = any_row["device"] == "cpu"
+        u = "CPU ms" if cpu else "ms"
+        print(f"| | optimizer | total {u} | × a | × b | optimizer {u} (hooks + step) | step() {u} | "
+              "peak MiB | peak − a |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        pre = "cpu_" if cpu else ""
+        a, b = vs.get("a"), vs.get("b")
+        for k, r in vs.items():
+            t = r[pre + "total_ms"]
+            xa = f"{t / a[pre + 'total_ms']:.2f}" if a else "–"
+            xb = f"{t / b[pre + 'total_ms']:.2f}" if b else "–"
+            d = r["peak_mib"] - a["peak_mib"] if a else 0.0
+            dp = f"{d:+.0f} MiB ({d / r['grad_mib'] * 100:+.0f} % of grads)" if a else "–"
+            print(f"| {k} | {r['optimizer']} | {t:.0f} | {xa} | {xb} | {r['optimizer_cpu_ms']:.1f} | "
+                  f"{r[pre + 'step_ms']:.1f} | {r['peak_mib']:.0f} | {dp} |")
+    return 0
+
+
 def plot(path: str | None, png: str) -> int:
     import matplotlib
 
@@ -298,10 +335,12 @@ def plot(path: str | None, png: str) -> int:
     batch, seq = max(set(settings), key=settings.count)   # the setting most models were run at
     rows = [r for r in rows if (r["batch"], r["seq"]) == (batch, seq)]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for k, label in VARIANTS.items():
+    styles = ["-", "--", "-", ":", "-.", "--"]   # equal curves stay visible on top of each other
+    for j, (k, label) in enumerate(VARIANTS.items()):
         pts = sorted((r["params"] / 1e6, r["peak_mib"]) for r in rows if r["variant"] == k)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{k}: {label}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=9 - j,
+                    linestyle=styles[j % len(styles)], label=f"{k}: {label}")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("peak memory of a training step (MiB)")
     ax.set_title(f"fp32 training step (batch {batch} × {seq} tokens): peak memory")
