@@ -46,8 +46,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import measure  # noqa: E402
-from benchmarks.profile_finetune import (DTYPES, PRESETS, load_model, make_batch,  # noqa: E402
-                                         param_groups, state_bytes)
+from benchmarks.profile_finetune import DTYPES, PRESETS, load_model, make_batch, param_groups, state_bytes  # noqa: E402
 from benchmarks.rows import ADAMW_KW, SGG_KW  # noqa: E402
 from sgg_fast import SGGAdamW, overlap_backward  # noqa: E402
 
@@ -267,7 +266,8 @@ def main(argv=None) -> int:
         row = dict(model=name, params=n_params, dtype=args.dtype, batch=args.batch, seq=args.seq,
                    device=device.type, variant=k, optimizer=VARIANTS[k], forward_ms=m[0], backward_ms=m[1],
                    step_ms=m[2], total_ms=m[3], cpu_forward_ms=m[4], cpu_backward_ms=m[5], cpu_step_ms=m[6],
-                   cpu_total_ms=m[7], hooks_cpu_ms=m[8], optimizer_cpu_ms=m[9], peak_mib=peaks[k] / 2**20, grad_mib=grad_bytes / 2**20,
+                   cpu_total_ms=m[7], hooks_cpu_ms=m[8], optimizer_cpu_ms=m[9],
+                   peak_mib=peaks[k] / 2**20, grad_mib=grad_bytes / 2**20,
                    loss_last=results[k]["losses"][-1], date=info["date"], cpu=info["cpu"], threads=threads,
                    load=info["load"], samples=len(results[k]["times"]), stat=args.stat,
                    medians=dict(zip(("forward_ms", "backward_ms", "step_ms", "total_ms", "cpu_forward_ms",

@@ -50,8 +50,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -64,6 +66,12 @@ from .validation import REFERENCES
 __all__ = ["overlap_backward", "OverlapHandle", "MODES"]
 
 MODES = ("auto", "stats", "step")
+
+#: backends whose stages after statistics take precomputed partials (``StepEngine.run``'s
+#: ``partials=``) and need nothing else from their statistics stage. The triton backend's
+#: statistics kernel also snapshots the step counters that its apply reads, so for it mode
+#: "stats" takes the statistics in ``step()`` (exact, not overlapped; a warning says so once).
+PRECOMPUTED_STATS_BACKENDS = frozenset({"cpu", "cuda", "torch"})
 
 
 def _key(t: torch.Tensor | None):
@@ -124,7 +132,7 @@ class OverlapHandle:
         self._opt = optimizer
         owned = {p: None for g in optimizer.param_groups for p in g["params"]}
         if isinstance(model_or_params, torch.nn.Module):
-            candidates = list(model_or_params.parameters())
+            candidates: list[torch.Tensor] = list(model_or_params.parameters())
         elif isinstance(model_or_params, torch.Tensor):
             candidates = [model_or_params]
         else:
@@ -157,6 +165,7 @@ class OverlapHandle:
         self._outs: list[tuple] = []  # mode "step": (position, finalize rows, label) of each hook
         self._caches: dict[torch.Tensor, dict] = {}
         self._backend_cache: dict = {}
+        self._warned_backend = False
         self._index: dict[torch.Tensor, tuple[int, int]] = {}
         # autograd runs the hooks of each device on that device's thread: one hook at a time
         self._lock = threading.Lock()
@@ -165,8 +174,8 @@ class OverlapHandle:
             lambda opt: self._stats.clear()))
         self._amp_attr = optimizer.__dict__.get("_step_supports_amp_scaling", _MISSING)
         # GradScaler.step(opt) then hands the scale over as opt.grad_scale, which step() refuses
-        optimizer._step_supports_amp_scaling = True
-        optimizer._overlap = self
+        optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]
+        optimizer._overlap = self  # type: ignore[assignment]
 
     # -- public API --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -192,7 +201,7 @@ class OverlapHandle:
             if self._amp_attr is _MISSING:
                 opt.__dict__.pop("_step_supports_amp_scaling", None)
             else:
-                opt._step_supports_amp_scaling = self._amp_attr
+                opt._step_supports_amp_scaling = self._amp_attr  # type: ignore[attr-defined]
         self._stats.clear()
         self._used.clear()
         self._outs.clear()
@@ -308,6 +317,15 @@ class OverlapHandle:
             return  # step() raises its state-mismatch error
         plan.refs.append(ref)  # None: no state yet, the step starts from a zero reference
         backend = self._backend(plan)
+        if backend.name not in PRECOMPUTED_STATS_BACKENDS:
+            if not self._warned_backend:
+                self._warned_backend = True
+                warnings.warn(
+                    f"overlap_backward(mode='stats'): backend {backend.name!r} cannot use statistics "
+                    "taken during backward (its statistics stage also prepares its apply stage); "
+                    "step() takes them itself, so the step is exact but not overlapped. Use "
+                    f"backend='cpu', 'cuda' or 'torch' for the overlap.", RuntimeWarning, stacklevel=2)
+            return
         if backend.same_layout:   # its input_reasons for a statistics-only plan, inline
             st_ = p.stride()
             if (g.numel() > 1 and g.stride() != st_) or (ref is not None and ref.numel() > 1
@@ -347,7 +365,7 @@ class OverlapHandle:
     def partials(self, plan: StepPlan, backend) -> Partials | None:
         """Mode "stats": the step's statistics from the rows taken in backward (tensors whose rows
         are missing or stale are computed now); None when no row can be used."""
-        if self.mode != "stats" or not self._stats:
+        if self.mode != "stats" or not self._stats or backend.name not in PRECOMPUTED_STATS_BACKENDS:
             return None
         state = self._opt.state
         rows: list[torch.Tensor | None] = []
@@ -365,21 +383,24 @@ class OverlapHandle:
                     ref_ok = _same(e.ref, ref)
                 ok = (ref_ok and e.settings == (group["reference"], want_pp)
                       and (not want_pp or _same(e.param, p)))
-            rows.append(e.values if ok else None)
+            rows.append(e.values if ok and e is not None else None)
         if all(r is None for r in rows):
             return None
         home = plan.home
+        done: list[torch.Tensor] = []
         for i, r in enumerate(rows):
             if r is None:
                 sub, _ = _distributed._subplan(plan, [i], self._cache(plan.params[i]))
-                rows[i] = backend.stats(sub).values
-        dtype = torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
-        counts = [len(r) for r in rows]
+                r = backend.stats(sub).values
+            done.append(r)
+        rows_ = done
+        dtype = torch.float64 if any(r.dtype == torch.float64 for r in rows_) else torch.float32
+        counts = [len(r) for r in rows_]
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
         offsets = [starts[s.start] for s in plan.segments] + [starts[-1]]
-        values = torch.cat([r.to(device=home, dtype=dtype) for r in rows])
+        values = torch.cat([r.to(device=home, dtype=dtype) for r in rows_])
         return Partials(values, offsets)
 
     def after_step(self, plan: StepPlan | None) -> None:
@@ -390,8 +411,8 @@ class OverlapHandle:
         if self.mode == "step" and self._outs:
             engine = self._opt._engine
             rows = list(self._outs)
-            if plan is not None and plan.params:
-                out = engine.last_out
+            out = engine.last_out
+            if plan is not None and plan.params and out is not None:
                 for s, seg in enumerate(plan.segments):
                     i = seg.start
                     rows.append(((plan.group_index[i], plan.param_index[i]), out[s:s + 1], seg.label))
