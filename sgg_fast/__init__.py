@@ -29,9 +29,10 @@ if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "k
 
 from .backends import available_backends  # noqa: E402
 from .optimizer import SGGAdamW  # noqa: E402
+from .overlap import overlap_backward  # noqa: E402
 from .source import source_gradients  # noqa: E402
 from .wrapper import GradientGuidance  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["SGGAdamW", "GradientGuidance", "source_gradients", "available_backends", "__version__"]
+__all__ = ["SGGAdamW", "GradientGuidance", "overlap_backward", "source_gradients", "available_backends", "__version__"]

@@ -163,6 +163,8 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
 
 
     _owner = "SGGAdamW"
+    #: the hooks of sgg_fast.overlap_backward, when installed (they run part of the step in backward)
+    _overlap = None
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
@@ -339,13 +341,25 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """One SGG-AdamW step. ``closure`` re-evaluates the model and returns the loss."""
         loss = self._closure_loss(closure)
+        overlap = self._overlap
+        if overlap is not None:
+            overlap.before_step()
         plan, pending = self._plan()        # every check happens here, before any write
         if not plan.params:
             self._engine.idle(plan)
-            return loss
-        self._engine.run(plan, "apply")
-        self._commit(pending, self._engine.last_host_skip is True)
+        else:
+            # statistics taken during backward by overlap_backward(mode="stats"), if any
+            partials = None if overlap is None else overlap.partials(plan, self._engine.resolve(plan))
+            self._engine.run(plan, "apply", partials)
+            self._commit(pending, self._engine.last_host_skip is True)
+        if overlap is not None:
+            overlap.after_step(plan)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._overlap is not None:
+            self._overlap.zero_grad()
 
     # -- state dict, pickling ------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -359,6 +373,8 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                 "process_group= again when you build the new optimizer.")
         state.pop("_engine", None)
         state.pop("_settings_keys", None)
+        state.pop("_overlap", None)   # hooks belong to the live model, not to a copy
+        state.pop("_step_supports_amp_scaling", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
