@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -11,8 +11,14 @@ from torch.optim import Optimizer
 from . import distributed as _distributed
 from .engine import StepEngine
 from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, StepPlan, build_plan, describe
-from .validation import (GUIDANCE_DEFAULTS, check_reference_shapes, settings_key, validate_adamw,
-                         validate_global_groups, validate_guidance)
+from .validation import (
+    GUIDANCE_DEFAULTS,
+    check_reference_shapes,
+    settings_key,
+    validate_adamw,
+    validate_global_groups,
+    validate_guidance,
+)
 
 __all__ = ["SGGAdamW", "GUIDANCE_DEFAULTS", "GuidedOptimizerMixin", "nu_storage_tensor"]
 
@@ -191,9 +197,9 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay,
-                        lambda_dir=lambda_dir, lambda_mag=lambda_mag, lambda_align=lambda_align, mag_mode=mag_mode, max_norm=max_norm,
-                        mag_ratio=mag_ratio, mag_beta=mag_beta, reference=reference,
-                        ref_beta=ref_beta, granularity=granularity, nonfinite=nonfinite)
+                        lambda_dir=lambda_dir, lambda_mag=lambda_mag, lambda_align=lambda_align,
+                        mag_mode=mag_mode, max_norm=max_norm, mag_ratio=mag_ratio, mag_beta=mag_beta,
+                        reference=reference, ref_beta=ref_beta, granularity=granularity, nonfinite=nonfinite)
         self._validate_group(defaults)
         self._engine = StepEngine(self._owner, backend, process_group, fused=bool(fused))
         super().__init__(params, defaults)

@@ -498,7 +498,8 @@ def test_reference_of_another_dtype_is_refused():
     opt.set_reference([torch.randn(8)])
     opt.state[p]["ref"] = opt.state[p]["ref"].half()
     before = p.detach().clone()
-    with pytest.raises(RuntimeError, match=r"state\['ref'\] of param_groups\[0\]\['params'\]\[0\] is .*float16.*does not match"):
+    with pytest.raises(RuntimeError,
+                       match=r"state\['ref'\] of param_groups\[0\]\['params'\]\[0\] is .*float16.*does not match"):
         opt.step()
     assert torch.equal(p.detach(), before)
 

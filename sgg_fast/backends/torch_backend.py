@@ -186,7 +186,7 @@ def guide_grads(plan: StepPlan, out: torch.Tensor) -> None:
     """``g ← α·g + β·r`` in place (GradientGuidance); the ema reference takes the raw ``g``."""
     if _skipped(out):
         return
-    for (gi, dev, dtype), idx in _buckets(plan, by_group=True).items():
+    for (_gi, dev, dtype), idx in _buckets(plan, by_group=True).items():
         alphas = _per_tensor(plan, out, G.O_ALPHA, idx, dev)
         betas = _per_tensor(plan, out, G.O_BETA, idx, dev)
         gs = [plan.grads[i] for i in idx]
