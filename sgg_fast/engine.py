@@ -27,7 +27,7 @@ import torch
 from . import backends as _backends
 from . import distributed as _distributed
 from . import guidance as G
-from .backends.base import Partials
+from .backends.base import Backend, Partials
 from .plan import StepPlan
 
 #: pending skip flags folded into the device counter once this many have accumulated
@@ -50,8 +50,8 @@ class StepEngine:
         self.cache: dict[str, Any] = {}
         self.last_out: torch.Tensor | None = None
         self.last_labels: list[str] = []
-        self._resolved_key = None
-        self._resolved = None
+        self._resolved_key: tuple | None = None
+        self._resolved: Backend | None = None
         self._skip_total: torch.Tensor | None = None
         self._skip_pending: list[torch.Tensor] = []
         self._host_skips = 0
@@ -61,11 +61,11 @@ class StepEngine:
         self.last_host_skip: bool | None = None
 
     # -- backend choice ----------------------------------------------------------------------
-    def resolve(self, plan: StepPlan):
+    def resolve(self, plan: StepPlan) -> Backend:
         """The backend for this step (cached while the name, env override, devices and dtypes
         are unchanged); per-step input problems are re-checked by the backend's own stages."""
         key = (self.backend, os.environ.get(_backends.ENV_VAR), tuple(plan.devices), tuple(plan.dtypes))
-        if key != self._resolved_key:
+        if key != self._resolved_key or self._resolved is None:
             self._resolved = _backends.resolve(self.backend, plan, fused_only=self.fused)
             self._resolved_key = key
         else:

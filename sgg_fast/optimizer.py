@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
@@ -19,6 +19,9 @@ from .validation import (
     validate_global_groups,
     validate_guidance,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 __all__ = ["SGGAdamW", "GUIDANCE_DEFAULTS", "GuidedOptimizerMixin", "nu_storage_tensor"]
 
@@ -38,7 +41,7 @@ def _as_nu(value: Any, device: torch.device) -> torch.Tensor | None:
     return value.detach().reshape(2).to(device=device, dtype=torch.float32, copy=True)
 
 
-def _is_nu(value: Any, device: torch.device) -> bool:
+def _is_nu(value: Any, device: torch.device) -> TypeIs[torch.Tensor]:
     return (isinstance(value, torch.Tensor) and value.shape == (2,) and value.dtype == torch.float32
             and value.device == device)
 
@@ -48,12 +51,14 @@ class GuidedOptimizerMixin:
 
     _owner = "SGGAdamW"
     _engine: StepEngine
+    #: settings_key of each group when they were last validated (None: validate on the next step)
+    _settings_keys: list[tuple] | None = None
 
     def _check_settings(self, groups: list[dict]) -> None:
         """Re-validate the groups whose settings changed since they were last checked (edits of
         ``param_groups`` after construction), with the constructor's errors."""
         keys = [settings_key(g) for g in groups]
-        if keys == getattr(self, "_settings_keys", None):
+        if keys == self._settings_keys:
             return
         for g in groups:
             self._validate_group(g)

@@ -182,6 +182,7 @@ def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
                       len(plan.params), len(plan.params) + len(members))
         plan.segments.append(seg)
         for gi, pi, p in members:
+            assert p.grad is not None  # members are the parameters with a gradient (above)
             plan.params.append(p)
             plan.grads.append(p.grad)
             plan.group_index.append(gi)

@@ -25,6 +25,7 @@ import importlib.util
 import math
 import os
 import weakref
+from collections.abc import Sequence
 
 import torch
 
@@ -163,7 +164,8 @@ class TritonBackend(Backend):
             out.append(msg)
             return limit is not None and len(out) >= limit
 
-        lists = [("parameter", plan.params), ("gradient", plan.grads)]
+        lists: list[tuple[str, Sequence[torch.Tensor | None]]] = [("parameter", plan.params),
+                                                                   ("gradient", plan.grads)]
         if len(plan.exp_avgs) == P:
             lists += [("exp_avg", plan.exp_avgs), ("exp_avg_sq", plan.exp_avg_sqs)]
         if len(plan.refs) == P:
@@ -197,7 +199,7 @@ class TritonBackend(Backend):
     # -- tables ------------------------------------------------------------------------------
     def _tables(self, plan: StepPlan) -> _Tables:
         """Validate (and if needed rebuild and upload) this plan's device tables."""
-        tab: _Tables = plan.cache.get("triton")
+        tab: _Tables | None = plan.cache.get("triton")
         if tab is None:
             tab = plan.cache["triton"] = _Tables()
         if tab.plan is not None and tab.plan() is plan:
