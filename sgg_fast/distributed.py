@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
 from . import guidance as G
 from .backends.base import Partials
-from .plan import Segment, StepPlan
+from .plan import Segment, StepCache, StepPlan, memo
 
 __all__ = ["check_process_group", "is_dtensor", "like_param", "prepare", "idle_step", "StatsSync"]
 
@@ -204,10 +204,10 @@ def _slot_layout(plan: StepPlan, params: list[torch.Tensor]) -> tuple[list[int],
 
 
 def _check_layout(groups: list, n_slots: int, sig: int, device: torch.device, owner: str,
-                  cache: dict) -> None:
+                  cache: StepCache) -> None:
     """Every rank must all-reduce the same slot layout: check it once per layout (syncs)."""
     key = (tuple(id(g) for g in groups), n_slots, sig)
-    if cache.get("dist_layout_checked") == key:
+    if cache.dist_layout_checked == key:
         return
     import torch.distributed as dist
 
@@ -223,7 +223,7 @@ def _check_layout(groups: list, n_slots: int, sig: int, device: torch.device, ow
                 "of tensors per group in the same order (a slice of each). With "
                 "ZeroRedundancyOptimizer and granularity='tensor' each tensor is whole on one rank: "
                 "do not pass process_group there.")
-    cache["dist_layout_checked"] = key
+    cache.dist_layout_checked = key
 
 
 def _idle_device(group) -> torch.device:
@@ -351,7 +351,7 @@ class StatsSync:
         return Partials(out, list(range(S + 1)))
 
 
-def _subplan(plan: StepPlan, idx: list[int], cache: dict) -> tuple[StepPlan, list[int]]:
+def _subplan(plan: StepPlan, idx: list[int], cache: StepCache) -> tuple[StepPlan, list[int]]:
     """A plan of the tensors ``idx`` (ascending), with segments renumbered; and each new segment's
     parent segment."""
     sub = StepPlan(groups=plan.groups, cache=cache, rewrite_grad=plan.rewrite_grad)
@@ -447,10 +447,10 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
     _check_layout(list(dict.fromkeys(groups_used)), n_slots, sig, home, owner, plan.cache)
 
     identity = n_slots == plan.num_segments and seg_slot == list(range(n_slots))
-    seg_slot_t = _cached_index(plan, "dist_seg_slot", seg_slot, home)
+    seg_slot_t = _cached_index(plan, "seg_slot", seg_slot, home)
     present = set(seg_slot)
     absent = [k for k in range(n_slots) if k not in present]
-    absent_t = _cached_index(plan, "dist_absent", absent, home) if absent else None
+    absent_t = _cached_index(plan, "absent", absent, home) if absent else None
 
     # the job with the most local elements takes the whole plan's rows minus the others
     numel = [sum(plan.params[i].numel() for i in idx) for idx, _ in jobs]
@@ -459,8 +459,8 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
     for k, idx in [(k, idx) for k, (idx, _) in enumerate(jobs) if k != main] + [(None, inactive)]:
         if not idx:
             continue
-        name = f"dist_part:{'inactive' if k is None else k}"
-        sub, parents = _subplan(plan, idx, plan.cache.setdefault(name, {}))
+        name = f"part:{'inactive' if k is None else k}"
+        sub, parents = _subplan(plan, idx, plan.cache.dist_parts.setdefault(name, StepCache()))
         parts.append(_Part(k, sub, _cached_index(plan, f"{name}:parents", parents, home),
                            _cached_index(plan, f"{name}:slots", [seg_slot[s] for s in parents], home)))
     return StatsSync([groups for _, groups in jobs], main, parts, seg_slot_t, n_slots, identity,
@@ -468,13 +468,8 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
 
 
 def _cached_index(plan: StepPlan, name: str, values: list[int], device: torch.device) -> torch.Tensor:
-    key = (tuple(values), device)
-    hit = plan.cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    t = torch.tensor(values, dtype=torch.int64).to(device)
-    plan.cache[name] = (key, t)
-    return t
+    return memo(plan.cache.dist_index, name, (tuple(values), device),
+                lambda: torch.tensor(values, dtype=torch.int64).to(device))
 
 
 def idle_step(plan: StepPlan, process_group, owner: str) -> None:

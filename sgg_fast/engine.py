@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
 
 import torch
 
@@ -28,7 +27,7 @@ from . import backends as _backends
 from . import distributed as _distributed
 from . import guidance as G
 from .backends.base import Backend, Partials
-from .plan import StepPlan
+from .plan import StepCache, StepPlan
 
 #: pending skip flags folded into the device counter once this many have accumulated
 _SKIP_FOLD = 64
@@ -47,7 +46,7 @@ class StepEngine:
         self.fused = fused
         self._scratch: dict = {}
         self.process_group = _distributed.check_process_group(process_group, owner)
-        self.cache: dict[str, Any] = {}
+        self.cache = StepCache()
         self.last_out: torch.Tensor | None = None
         self.last_labels: list[str] = []
         self._resolved_key: tuple | None = None
