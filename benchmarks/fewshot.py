@@ -498,7 +498,8 @@ def run_plan(cfg: Config, out: Path, time_budget_min: float | None,
                         r["part"] = part
                         store.add(r)
                         log(f"  test {m:14s} K={K:2d} seed={s}: acc {r['acc']:.3f}  stab {r['stability']:.3f}  "
-                            f"align {r['alignment']:+.3f}  {1000 * r['step_s_median']:.0f} ms/step  ({r['run_s']:.0f}s)")
+                            f"align {r['alignment']:+.3f}  {1000 * r['step_s_median']:.0f} ms/step  "
+                            f"({r['run_s']:.0f}s)")
     except TimeoutError:
         complete = False
         log(f"time budget of {time_budget_min} min reached: reporting the complete (K, seed) blocks")
@@ -795,7 +796,8 @@ def render(summary: dict, meta: dict, cfg: Config, complete: bool, png_name: str
              f"{5 * cfg.test_per_class} docs, validation {5 * cfg.val_per_class}, source pool "
              f"{5 * cfg.source_per_class}. Seeds per K: "
              + ", ".join(f"K={K}: {n_blocks[K]}" for K in ks)
-             + (". **Incomplete run (time budget): only complete (K, seed) blocks are shown.**" if not complete else ".")
+             + (". **Incomplete run (time budget): only complete (K, seed) blocks are shown.**"
+                if not complete else ".")
              )
     if meta.get("lrs"):
         how = (f"chosen per method and K on the validation split, seeds {list(cfg.select_seeds)}, "
@@ -811,7 +813,8 @@ def render(summary: dict, meta: dict, cfg: Config, complete: bool, png_name: str
     L.append("")
     L.append("Test accuracy (%), mean ± std over seeds:")
     L.append("")
-    L.append("| method | " + " | ".join(f"K={K}" for K in ks) + " | mean | stability | raw stab. | alignment | clip rate | ms/step |")
+    L.append("| method | " + " | ".join(f"K={K}" for K in ks)
+             + " | mean | stability | raw stab. | alignment | clip rate | ms/step |")
     L.append("|---|" + "---|" * (len(ks) + 6))
     for m in methods:
         row = [f"`{m}`"]
@@ -930,9 +933,11 @@ def sanity_check(records: list[dict], cfg: Config) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 1 seed, K=4, few steps, small splits")
-    ap.add_argument("--out", type=Path, default=None, help="work folder (runs.jsonl, caches); default benchmarks/out/fewshot[-quick]")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="work folder (runs.jsonl, caches); default benchmarks/out/fewshot[-quick]")
     ap.add_argument("--results", type=Path, default=None,
-                    help="RESULTS.md to write the section into (default: benchmarks/RESULTS.md for the full run, none for --quick)")
+                    help="RESULTS.md to write the section into (default: benchmarks/RESULTS.md for the full run, "
+                         "none for --quick)")
     ap.add_argument("--time-budget", type=float, default=None, help="minutes; start no run after that")
     ap.add_argument("--report-only", action="store_true",
                     help="start no run: rebuild the report from the runs already in --out")

@@ -19,8 +19,8 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -173,7 +173,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 7) -> tuple
     dst = torch.empty_like(src)
     t = time_step(lambda: dst.copy_(src), device, warmup=2, min_repeats=repeats, max_repeats=repeats,
                   min_time_s=0.0)
-    del src, dst
     return 2 * n * 4 / (t.median_ms * 1e-3) / 1e9, t
 
 
@@ -236,19 +235,20 @@ def machine_info(device: torch.device) -> dict[str, str]:
     import sgg_fast
 
     info = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device.type,
         "cpu": f"{_cpu_model()}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}",
         "torch": torch.__version__,
         "triton": _version("triton"),
         "python": platform.python_version(),
         "sgg_fast": f"{sgg_fast.__version__} (git {_git_commit()})",
-        "load": "%.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else "n/a",
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
     }
     llc = llc_bytes(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, L2 {(llc or 0) >> 20} MiB, CUDA {torch.version.cuda}"
+        info["gpu"] = (f"{props.name}, {props.total_memory / 2**30:.0f} GiB, L2 {(llc or 0) >> 20} MiB, "
+                       f"CUDA {torch.version.cuda}")
     else:
         info["llc"] = f"{llc >> 20} MiB (as reported by the OS)" if llc else "unknown"
     return info

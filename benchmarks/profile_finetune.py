@@ -15,8 +15,8 @@ For each: wall time of forward / backward / optimizer step per training step (me
 ratio to AdamW, the optimizer state, the extra peak memory of one ``step()``, the peak memory of
 the training step, the loss, and a gzipped Chrome trace (https://ui.perfetto.dev or
 ``chrome://tracing``) of ``--trace-steps`` further steps recorded by ``torch.profiler`` (timed
-apart, so the profiler's per-op overhead does not enter the table). A summary table (markdown) is printed at the end and written next to the
-traces.
+apart, so the profiler's per-op overhead does not enter the table). A summary table (markdown) is
+printed at the end and written next to the traces.
 
 ``--config`` builds a transformers model with random weights instead: a JSON config file, or a
 preset (``llama-1b``, ``llama-8b``, ``smollm2-135m``, ``tiny``), e.g. on a GPU:
@@ -139,7 +139,8 @@ def load_model(args, device, dtype):
     if os.path.isfile(args.config):
         with open(args.config) as f:
             cfg_dict = json.load(f)
-        cfg = AutoConfig.for_model(**cfg_dict) if "model_type" in cfg_dict else AutoConfig.for_model("llama", **cfg_dict)
+        cfg = (AutoConfig.for_model(**cfg_dict) if "model_type" in cfg_dict
+               else AutoConfig.for_model("llama", **cfg_dict))
         name = f"{os.path.basename(args.config)} (random weights)"
     elif args.config in PRESETS:
         cfg = AutoConfig.for_model("llama", **PRESETS[args.config])
@@ -165,7 +166,7 @@ def make_batch(tokenizer, vocab: int, batch: int, seq: int, device):
 
 def param_groups(model, weight_decay=0.01):
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -310,7 +311,8 @@ def summary(results, info, model_name, n_params, args, device, dtype_name, batch
              f"- {n_params / 1e6:.1f}M parameters, {dtype_name}, batch {batch} × {seq} tokens, "
              f"{args.steps} timed steps after {args.warmup} warm-up step(s), median per phase, device "
              f"synchronised between phases; then {args.trace_steps} step(s) under torch.profiler for the trace",
-             f"- machine: {info.get('gpu', info['cpu'])}; {info.get('threads', '')}; torch {info['torch']}, triton {info['triton']}, "
+             f"- machine: {info.get('gpu', info['cpu'])}; {info.get('threads', '')}; torch {info['torch']}, "
+             f"triton {info['triton']}, "
              f"sgg_fast {info['sgg_fast']}; load average {info['load']}",
              f"- SGG: λ1={SGG_KW['lambda_dir']} λ2={SGG_KW['lambda_mag']} λ3={SGG_KW['lambda_align']}, "
              f"mag_mode={SGG_KW['mag_mode']}, reference=momentum; lr {args.lr}",

@@ -338,7 +338,8 @@ def markdown(results: list[Result], info: dict, copy: dict, notes: list[str], ar
                                  if device == "cuda" else
                                  "wall clock per step after warm-up, median and p20/p80 of the repeats"
                                  + ("; rows timed in shuffled rounds (each round steps every row once) so that "
-                                    "load from other processes spreads over all rows" if args.interleave != "off" else ""))
+                                    "load from other processes spreads over all rows"
+                                    if args.interleave != "off" else ""))
                  + f"; whole run {wall_s:.0f} s" + (" (--quick)" if args.quick else ""))
     lines.append("- GB/s from the byte model of DESIGN §3 (elements per parameter: AdamW "
                  f"{BYTES_PER_ELEMENT['adamw']}, clip+AdamW {BYTES_PER_ELEMENT['clip+adamw']}, SGG momentum "
@@ -375,7 +376,8 @@ def markdown(results: list[Result], info: dict, copy: dict, notes: list[str], ar
         lines.append("")
     head = headline(results)
     if head:
-        lines.append("Headline (SGGAdamW per backend; × fused AdamW / × faster than eager SGG / × faster than compiled SGG):")
+        lines.append("Headline (SGGAdamW per backend; × fused AdamW / × faster than eager SGG / "
+                     "× faster than compiled SGG):")
         lines.append("")
         lines += [f"- {h}" for h in head]
         lines.append("")
@@ -526,7 +528,7 @@ def main(argv=None) -> int:
             pbar.close()
     info["threads"] = "; ".join(notes_threads)
     copy_gbs = next(iter(copy.values()))["gbs"] if copy else math.nan
-    info["load_end"] = "%.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else "n/a"
+    info["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         # more runnable work than our own threads: others were using the cores
         info["noisy"] = max(float(info["load"].split()[0]), os.getloadavg()[0]) > os.cpu_count() + 0.5

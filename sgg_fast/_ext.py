@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import warnings
+from typing import Any
 
 from . import _build
 
@@ -149,7 +150,7 @@ def _jit_build() -> None:
     h = _build.source_hash(root)
     defines = [f"-DSGG_FAST_SOURCE_HASH={h}"] + (["-DSGG_FAST_WITH_CUDA"] if with_cuda else [])
     debug = _env("SGG_FAST_DEBUG")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if with_cuda:
         archs = os.environ.get("SGG_FAST_CUDA_ARCHS")
         if archs:

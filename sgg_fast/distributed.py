@@ -55,16 +55,17 @@ from __future__ import annotations
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
+    from typing_extensions import TypeIs
 
 from . import guidance as G
 from .backends.base import Partials
-from .plan import Segment, StepPlan
+from .plan import Segment, StepCache, StepPlan, memo
 
 __all__ = ["check_process_group", "is_dtensor", "like_param", "prepare", "idle_step", "StatsSync"]
 
@@ -76,7 +77,7 @@ def _dtensor_type():
     return getattr(mod, "DTensor", None) if mod is not None else None
 
 
-def is_dtensor(t: Any) -> TypeGuard[DTensor]:
+def is_dtensor(t: Any) -> TypeIs[DTensor]:
     DT = _dtensor_type()
     return DT is not None and isinstance(t, DT)
 
@@ -149,6 +150,7 @@ def like_param(ref: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         except TypeError:  # older torch: scatter from rank 0
             local = distribute_tensor(full, mesh, placements).to_local()
     out = torch.zeros_like(param, memory_format=torch.preserve_format)
+    assert is_dtensor(out)  # zeros_like of a DTensor is one (torch's stubs say Tensor)
     out.to_local().copy_(local)
     return out
 
@@ -189,6 +191,7 @@ def _slot_layout(plan: StepPlan, params: list[torch.Tensor]) -> tuple[list[int],
         gi = plan.group_index[seg.start]
         gran = seg.group["granularity"]
         if gran == "global":
+            assert global_slot is not None  # set above for the global groups
             seg_slot.append(global_slot)
         elif gran == "tensor":
             if gi not in positions:
@@ -201,10 +204,10 @@ def _slot_layout(plan: StepPlan, params: list[torch.Tensor]) -> tuple[list[int],
 
 
 def _check_layout(groups: list, n_slots: int, sig: int, device: torch.device, owner: str,
-                  cache: dict) -> None:
+                  cache: StepCache) -> None:
     """Every rank must all-reduce the same slot layout: check it once per layout (syncs)."""
     key = (tuple(id(g) for g in groups), n_slots, sig)
-    if cache.get("dist_layout_checked") == key:
+    if cache.dist_layout_checked == key:
         return
     import torch.distributed as dist
 
@@ -220,7 +223,7 @@ def _check_layout(groups: list, n_slots: int, sig: int, device: torch.device, ow
                 "of tensors per group in the same order (a slice of each). With "
                 "ZeroRedundancyOptimizer and granularity='tensor' each tensor is whole on one rank: "
                 "do not pass process_group there.")
-    cache["dist_layout_checked"] = key
+    cache.dist_layout_checked = key
 
 
 def _idle_device(group) -> torch.device:
@@ -238,6 +241,7 @@ def _localize(plan: StepPlan, i: int, DT, owner: str, seen: dict):
 
     ``seen``: per-step memo of the parameter layouts already checked."""
     p = plan.params[i]
+    assert is_dtensor(p)  # called for the DTensor parameters only
     label = plan.label(i)
     mesh, pl = p.device_mesh, p.placements
     if not isinstance(pl, tuple):
@@ -327,7 +331,7 @@ class StatsSync:
             rows = rows.clone()
             for p, r in zip(self.parts, part_rows):
                 rows.index_add_(0, p.parents, r, alpha=-1)
-        total = None
+        total: torch.Tensor | None = None
         for k, groups in enumerate(self.groups):
             buf = torch.zeros(self.n_slots, 4, dtype=self.dtype, device=home)
             if k == self.main:
@@ -338,6 +342,7 @@ class StatsSync:
             for group in groups:
                 _all_reduce(buf, group)
             total = buf if total is None else total.add_(buf)
+        assert total is not None  # prepare() builds a StatsSync only with at least one job
         out = total.index_select(0, self.seg_slot)
         if self.absent is not None:
             # a non-finite slot that this rank does not hold must skip the step here too
@@ -346,7 +351,7 @@ class StatsSync:
         return Partials(out, list(range(S + 1)))
 
 
-def _subplan(plan: StepPlan, idx: list[int], cache: dict) -> tuple[StepPlan, list[int]]:
+def _subplan(plan: StepPlan, idx: list[int], cache: StepCache) -> tuple[StepPlan, list[int]]:
     """A plan of the tensors ``idx`` (ascending), with segments renumbered; and each new segment's
     parent segment."""
     sub = StepPlan(groups=plan.groups, cache=cache, rewrite_grad=plan.rewrite_grad)
@@ -428,7 +433,7 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
         union = frozenset().union(*(d for _, d in dom["members"]))
         coord = mesh.get_coordinate()
         # a tensor replicated along a summed dimension counts on coordinate 0 of it only
-        idx = []
+        idx: list[int] = []
         for i, dims in dom["members"]:
             (idx if all(coord[d] == 0 for d in union - dims) else inactive).append(i)
         jobs.append((idx, [mesh.get_group(d) for d in sorted(union)]))
@@ -442,10 +447,10 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
     _check_layout(list(dict.fromkeys(groups_used)), n_slots, sig, home, owner, plan.cache)
 
     identity = n_slots == plan.num_segments and seg_slot == list(range(n_slots))
-    seg_slot_t = _cached_index(plan, "dist_seg_slot", seg_slot, home)
+    seg_slot_t = _cached_index(plan, "seg_slot", seg_slot, home)
     present = set(seg_slot)
     absent = [k for k in range(n_slots) if k not in present]
-    absent_t = _cached_index(plan, "dist_absent", absent, home) if absent else None
+    absent_t = _cached_index(plan, "absent", absent, home) if absent else None
 
     # the job with the most local elements takes the whole plan's rows minus the others
     numel = [sum(plan.params[i].numel() for i in idx) for idx, _ in jobs]
@@ -454,22 +459,17 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
     for k, idx in [(k, idx) for k, (idx, _) in enumerate(jobs) if k != main] + [(None, inactive)]:
         if not idx:
             continue
-        name = ("dist_part", "inactive" if k is None else k)
-        sub, parents = _subplan(plan, idx, plan.cache.setdefault(name, {}))
-        parts.append(_Part(k, sub, _cached_index(plan, name + ("parents",), parents, home),
-                           _cached_index(plan, name + ("slots",), [seg_slot[s] for s in parents], home)))
+        name = f"part:{'inactive' if k is None else k}"
+        sub, parents = _subplan(plan, idx, plan.cache.dist_parts.setdefault(name, StepCache()))
+        parts.append(_Part(k, sub, _cached_index(plan, f"{name}:parents", parents, home),
+                           _cached_index(plan, f"{name}:slots", [seg_slot[s] for s in parents], home)))
     return StatsSync([groups for _, groups in jobs], main, parts, seg_slot_t, n_slots, identity,
                      absent_t, _stat_dtype(plan))
 
 
-def _cached_index(plan: StepPlan, name, values: list[int], device) -> torch.Tensor:
-    key = (tuple(values), device)
-    hit = plan.cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    t = torch.tensor(values, dtype=torch.int64).to(device)
-    plan.cache[name] = (key, t)
-    return t
+def _cached_index(plan: StepPlan, name: str, values: list[int], device: torch.device) -> torch.Tensor:
+    return memo(plan.cache.dist_index, name, (tuple(values), device),
+                lambda: torch.tensor(values, dtype=torch.int64).to(device))
 
 
 def idle_step(plan: StepPlan, process_group, owner: str) -> None:

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
 
 import torch
 
 from . import backends as _backends
 from . import distributed as _distributed
 from . import guidance as G
-from .backends.base import Partials
-from .plan import StepPlan
+from .backends.base import Backend, Partials
+from .plan import StepCache, StepPlan
 
 #: pending skip flags folded into the device counter once this many have accumulated
 _SKIP_FOLD = 64
@@ -47,11 +46,11 @@ class StepEngine:
         self.fused = fused
         self._scratch: dict = {}
         self.process_group = _distributed.check_process_group(process_group, owner)
-        self.cache: dict[str, Any] = {}
+        self.cache = StepCache()
         self.last_out: torch.Tensor | None = None
         self.last_labels: list[str] = []
-        self._resolved_key = None
-        self._resolved = None
+        self._resolved_key: tuple | None = None
+        self._resolved: Backend | None = None
         self._skip_total: torch.Tensor | None = None
         self._skip_pending: list[torch.Tensor] = []
         self._host_skips = 0
@@ -61,11 +60,11 @@ class StepEngine:
         self.last_host_skip: bool | None = None
 
     # -- backend choice ----------------------------------------------------------------------
-    def resolve(self, plan: StepPlan):
+    def resolve(self, plan: StepPlan) -> Backend:
         """The backend for this step (cached while the name, env override, devices and dtypes
         are unchanged); per-step input problems are re-checked by the backend's own stages."""
         key = (self.backend, os.environ.get(_backends.ENV_VAR), tuple(plan.devices), tuple(plan.dtypes))
-        if key != self._resolved_key:
+        if key != self._resolved_key or self._resolved is None:
             self._resolved = _backends.resolve(self.backend, plan, fused_only=self.fused)
             self._resolved_key = key
         else:

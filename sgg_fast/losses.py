@@ -23,7 +23,8 @@ arguments so that no NaN reaches the gradient at ``∇L = 0``.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
@@ -11,8 +11,17 @@ from torch.optim import Optimizer
 from . import distributed as _distributed
 from .engine import StepEngine
 from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, StepPlan, build_plan, describe
-from .validation import (GUIDANCE_DEFAULTS, check_reference_shapes, settings_key, validate_adamw,
-                         validate_global_groups, validate_guidance)
+from .validation import (
+    GUIDANCE_DEFAULTS,
+    check_reference_shapes,
+    settings_key,
+    validate_adamw,
+    validate_global_groups,
+    validate_guidance,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 __all__ = ["SGGAdamW", "GUIDANCE_DEFAULTS", "GuidedOptimizerMixin", "nu_storage_tensor"]
 
@@ -32,7 +41,7 @@ def _as_nu(value: Any, device: torch.device) -> torch.Tensor | None:
     return value.detach().reshape(2).to(device=device, dtype=torch.float32, copy=True)
 
 
-def _is_nu(value: Any, device: torch.device) -> bool:
+def _is_nu(value: Any, device: torch.device) -> TypeIs[torch.Tensor]:
     return (isinstance(value, torch.Tensor) and value.shape == (2,) and value.dtype == torch.float32
             and value.device == device)
 
@@ -42,12 +51,14 @@ class GuidedOptimizerMixin:
 
     _owner = "SGGAdamW"
     _engine: StepEngine
+    #: settings_key of each group when they were last validated (None: validate on the next step)
+    _settings_keys: list[tuple] | None = None
 
     def _check_settings(self, groups: list[dict]) -> None:
         """Re-validate the groups whose settings changed since they were last checked (edits of
         ``param_groups`` after construction), with the constructor's errors."""
         keys = [settings_key(g) for g in groups]
-        if keys == getattr(self, "_settings_keys", None):
+        if keys == self._settings_keys:
             return
         for g in groups:
             self._validate_group(g)
@@ -191,9 +202,9 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay,
-                        lambda_dir=lambda_dir, lambda_mag=lambda_mag, lambda_align=lambda_align, mag_mode=mag_mode, max_norm=max_norm,
-                        mag_ratio=mag_ratio, mag_beta=mag_beta, reference=reference,
-                        ref_beta=ref_beta, granularity=granularity, nonfinite=nonfinite)
+                        lambda_dir=lambda_dir, lambda_mag=lambda_mag, lambda_align=lambda_align,
+                        mag_mode=mag_mode, max_norm=max_norm, mag_ratio=mag_ratio, mag_beta=mag_beta,
+                        reference=reference, ref_beta=ref_beta, granularity=granularity, nonfinite=nonfinite)
         self._validate_group(defaults)
         self._engine = StepEngine(self._owner, backend, process_group, fused=bool(fused))
         super().__init__(params, defaults)

@@ -60,7 +60,7 @@ import torch
 from . import backends as _backends
 from . import distributed as _distributed
 from .backends.base import Partials
-from .plan import REF_MOMENTUM, SUPPORTED_DTYPES, Segment, StepPlan, _reject, describe
+from .plan import REF_MOMENTUM, SUPPORTED_DTYPES, Segment, StepCache, StepPlan, _reject, describe
 from .validation import REFERENCES
 
 __all__ = ["overlap_backward", "OverlapHandle", "MODES"]
@@ -163,7 +163,7 @@ class OverlapHandle:
         self._stats: dict[torch.Tensor, _Stats] = {}    # mode "stats"
         self._used: dict[torch.Tensor, Any] = {}        # mode "step": params stepped this step
         self._outs: list[tuple] = []  # mode "step": (position, finalize rows, label) of each hook
-        self._caches: dict[torch.Tensor, dict] = {}
+        self._caches: dict[torch.Tensor, StepCache] = {}
         self._backend_cache: dict = {}
         self._warned_backend = False
         self._index: dict[torch.Tensor, tuple[int, int]] = {}
@@ -242,10 +242,10 @@ class OverlapHandle:
                                "param_groups; call handle.remove()")
         return self._index[p]
 
-    def _cache(self, p: torch.Tensor) -> dict:
+    def _cache(self, p: torch.Tensor) -> StepCache:
         c = self._caches.get(p)
         if c is None:
-            c = self._caches[p] = {}
+            c = self._caches[p] = StepCache()
         return c
 
     def _one_plan(self, p: torch.Tensor, g: torch.Tensor) -> StepPlan:

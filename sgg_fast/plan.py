@@ -10,19 +10,25 @@ Architecture of a step (DESIGN §3): params → statistics → finalize (α, β,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from . import guidance
 from .validation import GRANULARITIES, MAG_MODES, NONFINITE, REFERENCES, SEGMENT_KEYS
 
+if TYPE_CHECKING:
+    from .backends.triton_backend import _Tables
+
+T = TypeVar("T")
+
 REF_MOMENTUM, REF_EMA, REF_SOURCE = range(3)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-__all__ = ["Segment", "StepPlan", "build_plan", "describe", "REFERENCES", "GRANULARITIES",
+__all__ = ["Segment", "StepCache", "StepPlan", "build_plan", "memo", "describe", "REFERENCES", "GRANULARITIES",
            "MAG_MODES", "NONFINITE", "SEGMENT_KEYS", "REF_MOMENTUM", "REF_EMA", "REF_SOURCE",
            "SUPPORTED_DTYPES"]
 
@@ -35,6 +41,36 @@ class Segment:
     device: torch.device
     start: int                  # first tensor of the segment in the plan's lists
     stop: int                   # one past the last
+
+
+@dataclass
+class StepCache:
+    """What the owner of the plans (the engine; ``overlap_backward``, per parameter) keeps across
+    steps, so that a step like the last one rebuilds and uploads nothing. One field per module
+    that writes it; each entry holds the key it was built for next to the value."""
+
+    #: :meth:`StepPlan.hyper`: (key, ``[S, len(HYPER_COLS)]`` tensor on the home device)
+    hyper: tuple[Any, torch.Tensor] | None = None
+    #: the cpp backend's per-step inputs by name (offsets, op lists, device tables)
+    cpp: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    #: the triton backend's device tables
+    triton: _Tables | None = None
+    #: distributed: the slot layout last checked across ranks
+    dist_layout_checked: tuple | None = None
+    #: distributed: index tensors by name (slots, absent slots, sub-plan parents)
+    dist_index: dict[str, tuple[Any, torch.Tensor]] = field(default_factory=dict)
+    #: distributed: the caches of the sub-plans of mixed placements, by job
+    dist_parts: dict[str, StepCache] = field(default_factory=dict)
+
+
+def memo(table: dict[str, tuple[Any, T]], name: str, key: Any, make: Callable[[], T]) -> T:
+    """``table[name]``'s value while it was built for ``key``; else ``make()``, stored with ``key``."""
+    hit = table.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = make()
+    table[name] = (key, value)
+    return value
 
 
 @dataclass
@@ -60,7 +96,7 @@ class StepPlan:
     seg_nus: list[torch.Tensor] = field(default_factory=list)
     #: True for GradientGuidance (the guided gradient replaces .grad; see guidance.hyper_row)
     rewrite_grad: bool = False
-    cache: dict[str, Any] = field(default_factory=dict)       # lives across steps (the engine's)
+    cache: StepCache = field(default_factory=StepCache)       # lives across steps (the engine's)
 
     @property
     def labels(self) -> list[str]:
@@ -100,12 +136,12 @@ class StepPlan:
         rows = tuple(tuple(guidance.hyper_row(s.group, rewrite_grad=self.rewrite_grad))
                      for s in self.segments)
         key = (rows, self.home, dtype)
-        hit = self.cache.get("hyper")
+        hit = self.cache.hyper
         if hit is not None and hit[0] == key:
             return hit[1]
         t = torch.tensor(rows, dtype=dtype).reshape(len(rows), len(guidance.HYPER_COLS))
         t = t.pin_memory().to(self.home, non_blocking=True) if self.home.type == "cuda" else t
-        self.cache["hyper"] = (key, t)
+        self.cache.hyper = (key, t)
         return t
 
 
@@ -134,14 +170,14 @@ def _reject(owner: str, where: str, p: torch.Tensor, g: torch.Tensor) -> None:
 
 
 def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
-               cache: dict | None = None, rewrite_grad: bool = False) -> StepPlan:
+               cache: StepCache | None = None, rewrite_grad: bool = False) -> StepPlan:
     """Collect the tensors with a gradient into segments and check them.
 
     Raises ``RuntimeError`` / ``ValueError`` with what is wrong and what to do for sparse or
     complex gradients, unsupported dtypes and a segment spanning devices (the settings were
     checked by :mod:`sgg_fast.validation`). Parameters whose ``.grad`` is None take no part.
     """
-    plan = StepPlan(groups=param_groups, cache=cache if cache is not None else {},
+    plan = StepPlan(groups=param_groups, cache=cache if cache is not None else StepCache(),
                     rewrite_grad=rewrite_grad)
     global_seg: Segment | None = None
     global_members: list[tuple[int, int, torch.Tensor]] = []
@@ -182,6 +218,7 @@ def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
                       len(plan.params), len(plan.params) + len(members))
         plan.segments.append(seg)
         for gi, pi, p in members:
+            assert p.grad is not None  # members are the parameters with a gradient (above)
             plan.params.append(p)
             plan.grads.append(p.grad)
             plan.group_index.append(gi)

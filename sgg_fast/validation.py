@@ -105,10 +105,10 @@ def validate_adamw(group: dict) -> None:
     b1, b2 = betas
     if isinstance(b1, torch.Tensor) != isinstance(b2, torch.Tensor):
         raise ValueError("betas must be either both floats or both Tensors")
-    for k, b in enumerate(betas):
+    for i, b in enumerate(betas):
         if isinstance(b, torch.Tensor) and b.numel() != 1:
-            raise ValueError(f"Tensor betas[{k}] must be 1-element")
-        check_number(f"beta parameter at index {k}", b, 0.0, 1.0, hi_open=True, key=f"betas[{k}]")
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        check_number(f"beta parameter at index {i}", b, 0.0, 1.0, hi_open=True, key=f"betas[{i}]")
     check_number("epsilon value", group["eps"], 0.0, _INF, hi_open=True, key="eps")
     check_number("weight_decay value", group["weight_decay"], 0.0, _INF, hi_open=True,
                  key="weight_decay")
@@ -155,7 +155,7 @@ def validate_global_groups(groups: list[dict], owner: str) -> None:
 def settings_key(group: dict) -> tuple:
     """What a group's settings are now, cheaply (no host read of tensors): a change of any value
     (or an in-place change of a tensor, by its version counter) changes the key."""
-    out = []
+    out: list[tuple] = []
     for k, v in group.items():
         if k == "params":
             continue

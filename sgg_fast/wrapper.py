@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -78,11 +79,15 @@ class GradientGuidance(GuidedOptimizerMixin, Optimizer):
         self._engine = StepEngine(self._owner, backend, process_group)
 
     @property
-    def param_groups(self) -> list[dict]:  # type: ignore[override]
+    def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        self.optimizer.param_groups = groups
+
     @property
-    def state(self):  # type: ignore[override]
+    def state(self):
         return self.optimizer.state
 
     def add_param_group(self, param_group: dict) -> None:

@@ -111,7 +111,7 @@ def same_on_all_ranks(t: torch.Tensor) -> bool:
 def compare_optimizers(model, opt, ref_model, ref_opt) -> dict:
     """Max differences of parameters and state (full tensors) against the unsharded run."""
     out = dict(param=0.0, state=0.0, norm_ema=0.0, step=0.0)
-    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+    for p, q in zip(model.parameters(), ref_model.parameters()):
         out["param"] = max(out["param"], maxdiff(p, q))
         sp, sq = opt.state[p], ref_opt.state[q]
         if set(sp) != set(sq):
@@ -595,10 +595,13 @@ def case_checkpoint(rank, backend):
     """torch.distributed.checkpoint round trip of the FSDP2 optimizer state (get/set_optimizer_
     state_dict + dcp.save/load), and the full (gathered) state dict against the unsharded run."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict,
-                                                         set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.device_mesh import init_device_mesh
 
     from sgg_fast import SGGAdamW

@@ -9,11 +9,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import cpu_backends  # noqa: E402
-
 from benchmarks import workloads  # noqa: E402
 from benchmarks.eager_sgg import EagerSGGAdamW, sgg_adamw_group  # noqa: E402
 from benchmarks.rows import BYTES_PER_ELEMENT, SGG_KW, build_rows  # noqa: E402
+from conftest import cpu_backends  # noqa: E402
 from sgg_fast import SGGAdamW  # noqa: E402
 
 

@@ -41,7 +41,8 @@ def test_auto_picks_cpu_for_cpu_tensors():
 
 
 def test_failed_build_falls_back_to_torch_and_info_shows_it():
-    env = {"SGG_FAST_NO_PREBUILT": "1", "CXX": "/nonexistent/c++", "SGG_FAST_JIT_DIR": os.path.join(REPO, "build", "jit-fail")}
+    env = {"SGG_FAST_NO_PREBUILT": "1", "CXX": "/nonexistent/c++",
+           "SGG_FAST_JIT_DIR": os.path.join(REPO, "build", "jit-fail")}
     code = ("import warnings, torch, sgg_fast\n"
             "p = torch.randn(4, requires_grad=True); p.grad = torch.randn(4)\n"
             "opt = sgg_fast.SGGAdamW([p])\n"

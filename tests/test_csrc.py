@@ -1,7 +1,8 @@
 """The compiled ops (csrc/) at op level: statistics against float64, finalize against
 sgg_fast.guidance.finalize, apply/guide against a float64 AdamW, determinism across thread
 counts and instruction sets, bad input, fake implementations (torch.compile / opcheck). The
-build, the lazy import and the JIT fallback are tests/test_build.py. CUDA tests are marked ``cuda`` (skipped without a GPU).
+build, the lazy import and the JIT fallback are tests/test_build.py. CUDA tests are marked
+``cuda`` (skipped without a GPU).
 
 The behavioural suite (oracle, equivalences, state dicts, ...) also runs with backend="cpu"
 through conftest's CPU_BACKENDS.
@@ -136,7 +137,7 @@ def _finalize_cases(n, seed, dtype):
     Returns (stats [S, 4], hyper [S, H], nu [S, 2]) in ``dtype``."""
     rng = random.Random(seed)
     rows, hyper, nu = [], [], []
-    for k in range(n):
+    for _ in range(n):
         kind = rng.choice(["vec", "vec", "raw", "zero_g", "zero_r", "zeros", "anti", "parallel",
                            "conflict", "nonfinite", "tiny", "huge_ratio", "tiny_ratio"])
         m = rng.choice([1, 3, 50])
@@ -472,7 +473,7 @@ def _steps(threads: int, dtype=torch.float32):
         opt = SGGAdamW([{"params": ps[:2]}, {"params": ps[2:], "reference": "ema"}], lr=1e-2, lambda_dir=0.3,
                        lambda_mag=0.8, lambda_align=1.0, backend="cpu")
         parts = []
-        for k in range(4):
+        for _ in range(4):
             for p in ps:
                 p.grad = torch.randn(p.shape, dtype=dtype)
             parts.append(ops.sgg_stats([p.grad for p in ps], [opt.state[p].get("exp_avg") for p in ps],
@@ -511,7 +512,8 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
             p.grad = torch.randn(p.shape).to(dt)
         opt.step()
     torch.save({"isa": _ext.info()["cpu_isa"], "p": [p.detach() for p in ps],
-                "ref": [opt.state[p]["ref"] for p in ps], "stats": opt.last_stats()}, sys.argv[-1] + f"_{dt}".replace("torch.", ""))
+                "ref": [opt.state[p]["ref"] for p in ps], "stats": opt.last_stats()},
+               sys.argv[-1] + f"_{dt}".replace("torch.", ""))
 """
 
 
@@ -824,8 +826,8 @@ def test_cuda_tensor_over_2_31_elements():
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     step = torch.zeros((), device="cuda")
     out = _out([1.0], [0.0], device="cuda")
-    ops.sgg_adamw_apply([p], [g], [m], [v], [step], [torch.empty(0, device="cuda")], out, [0], [0.1], [0.9], [0.999], [1e-8], [0.0],
-                        [0.9], [0], [], [], *_ws(1, "cuda"))
+    ops.sgg_adamw_apply([p], [g], [m], [v], [step], [torch.empty(0, device="cuda")], out, [0], [0.1], [0.9],
+                        [0.999], [1e-8], [0.0], [0.9], [0], [], [], *_ws(1, "cuda"))
     assert float(step) == 1.0
     assert float(p[0]) == float(p[-1]) != 0.0 and float(m[-1]) == float(m[0])
     assert int((p == 0).sum()) == 0

@@ -211,7 +211,7 @@ def test_mixed_placements_counted_once(dist_results, backend, dims):
 
 def test_errors(dist_results, backend):
     per_rank = dist_results(f"errors/{backend}")
-    for rank, r in enumerate(per_rank):
+    for r in per_rank:
         assert "Partial" in r["partial"] and r["partial_unchanged"]
         assert "Drop process_group" in r["dtensor_with_group"]
         assert "disagree about the segment layout" in r["layout"]

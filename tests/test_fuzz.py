@@ -213,7 +213,7 @@ def _fuzz(seed: int, n: int, mirrors=M.MIRRORS, triton_cases: int = TRITON_CASES
 
     worst = {}
     errs, errs_rel, errs_nu, errs_cond = [], [], [], []
-    for i, (kind, g, r, p, h, nu_i, flag_i, st) in enumerate(cases):
+    for i, (kind, g, r, p, h, nu_i, flag_i, _st) in enumerate(cases):
         u_ref, n3_ref, s_ref, nu_ref, flag_ref, T, cond = reference(g, r, p, h, nu_i, flag_i)
         a, b = float(out0[i, G.O_ALPHA]), float(out0[i, G.O_BETA])
         u = a * g + b * r

@@ -229,7 +229,7 @@ def test_half_blend_with_an_antiparallel_reference_never_steps_uphill():
     one-element steps went uphill). Now u is a non-negative multiple of g, as the oracle says."""
     rng = random.Random(8)
     uphill = 0
-    for k in range(200):
+    for _ in range(200):
         g = torch.tensor([rng.choice([-1, 1]) * 10 ** rng.uniform(-8, 8)], dtype=torch.float64)
         r = -g * 10 ** rng.uniform(-6, 6)
         h = dict(lambda_dir=0.5, lambda_mag=rng.choice([0.0, 1.0]), lambda_align=rng.choice([0.0, 0.3, 1.0]),

@@ -44,7 +44,7 @@ def test_hand_computed():
     assert rep["stability"] == pytest.approx(inv_1p_cv(U), rel=1e-6)
     assert rep["stability"] == pytest.approx(1 / (1 + math.sqrt(8 / 3) / 3), rel=1e-6)
     assert rep["raw_stability"] == pytest.approx(inv_1p_cv(G), rel=1e-6)
-    assert rep["alignment"] == pytest.approx(0.0, abs=1e-7)
+    assert rep["alignment"] == pytest.approx(sum(C) / len(C), abs=1e-7)  # = 0
     assert rep["alignment_std"] == pytest.approx(0.5, rel=1e-6)
     assert rep["conflict_rate"] == 0.5
     assert rep["clip_rate"] == pytest.approx(1 / 3)

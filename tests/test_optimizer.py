@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -23,7 +22,7 @@ def random_config(seed: int) -> tuple[list[dict], dict]:
     mode = ["absolute", "relative", "param"][(seed // 9) % 3]
     lam = lambda: rng.choice([0.0, 0.3, 0.7, 1.0, rng.random()])
     groups = []
-    for gi in range(2):
+    for _ in range(2):
         shapes = rng.sample(SHAPES, 4)
         g = dict(
             shapes=shapes,
@@ -72,7 +71,7 @@ def assert_close_stats(opt, oracle, rtol, atol):
     for k in STAT_KEYS:
         got = st[k].double()
         want = torch.tensor([s[k] for s in oracle.stats], dtype=torch.float64)
-        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"stat {k}: {m}")
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m, k=k: f"stat {k}: {m}")
     assert bool(st["skipped"].any()) == oracle.skipped
 
 
@@ -152,7 +151,8 @@ def test_lr_scheduler_assignment(backend):
     for _ in range(4):
         g = torch.randn(50)
         p.grad, q.grad = g.clone(), g.clone()
-        opt.step(); ref.step(); s1.step(); s2.step()
+        for o in (opt, ref, s1, s2):
+            o.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 16)
     torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sgg_fast import SGGAdamW
-from sgg_fast.plan import build_plan
+from sgg_fast.plan import StepCache, build_plan
 
 
 def _p(*shape, grad=True, dtype=torch.float32):
@@ -66,7 +66,7 @@ def test_segment_on_several_devices_is_refused():
 def test_hyper_is_cached_until_a_setting_changes():
     p = _p(3)
     opt = SGGAdamW([p])
-    cache: dict = {}
+    cache = StepCache()
     h1 = build_plan(opt.param_groups, cache=cache).hyper()
     assert build_plan(opt.param_groups, cache=cache).hyper() is h1
     opt.param_groups[0]["lambda_dir"] = 0.7

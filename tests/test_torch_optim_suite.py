@@ -21,9 +21,9 @@ import pytest
 import torch
 
 pytest.importorskip("expecttest")  # imported by torch.testing._internal.common_utils
-from _adamw_ref import assert_matches_adamw, step_pair  # noqa: E402
 from torch.testing._internal import common_optimizers as co  # noqa: E402
 
+from _adamw_ref import assert_matches_adamw, step_pair  # noqa: E402
 from sgg_fast import SGGAdamW  # noqa: E402
 from sgg_fast.backends import all_backends  # noqa: E402
 

@@ -435,7 +435,7 @@ def test_reallocated_gradient_at_a_new_address_is_picked_up():
             p.grad, q.grad = g.clone(), g.clone()
         a.step()
         b.step()
-        tab = a._engine.cache["triton"]
+        tab = a._engine.cache.triton
         assert tab.ptrs[0] == [p.grad.data_ptr() for p in ps]
         for p, q in zip(ps, qs):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -498,7 +498,8 @@ def test_reference_of_another_dtype_is_refused():
     opt.set_reference([torch.randn(8)])
     opt.state[p]["ref"] = opt.state[p]["ref"].half()
     before = p.detach().clone()
-    with pytest.raises(RuntimeError, match=r"state\['ref'\] of param_groups\[0\]\['params'\]\[0\] is .*float16.*does not match"):
+    with pytest.raises(RuntimeError,
+                       match=r"state\['ref'\] of param_groups\[0\]\['params'\]\[0\] is .*float16.*does not match"):
         opt.step()
     assert torch.equal(p.detach(), before)
 
@@ -662,7 +663,7 @@ def test_alignment_is_a_per_tensor_flag(small_chunks):
             ps[0].grad = flat[1:]          # 4 bytes past a 16-byte boundary
             opt.step()
         runs.append((ps, opt))
-    tab = runs[0][1]._engine.cache["triton"]  # the plan's cache is the engine's
+    tab = runs[0][1]._engine.cache.triton  # the plan's cache is the engine's
     aligned = (tab.meta_host[:, L.FLAGS] & L.F_ALIGNED != 0).tolist()
     assert runs[0][0][0].grad.data_ptr() % 16 != 0  # premise: the view is misaligned
     assert aligned == [False, True, True] and tab.aligned
@@ -725,5 +726,5 @@ def test_tensor_lr_the_kernel_cannot_read_is_read_on_the_host():
         _set_grads(qs, seed=50 + n)
         a.step()
         b.step()
-    assert a._engine.cache["triton"].meta_host[0, TB._kernels()[2].LR] == 0
+    assert a._engine.cache.triton.meta_host[0, TB._kernels()[2].LR] == 0
     assert torch.equal(ps[0], qs[0])

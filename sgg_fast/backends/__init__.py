@@ -91,8 +91,9 @@ def resolve(name: str, plan: StepPlan, fused_only: bool = False) -> Backend:
         if fused_only and not b.fused:
             continue
         prios = [b.auto_priority.get(t) for t in dev_types]
-        if all(p is not None for p in prios):
-            candidates.append((max(prios), b.name, b))
+        ranks = [p for p in prios if p is not None]
+        if len(ranks) == len(prios):
+            candidates.append((max(ranks), b.name, b))
     tried = []
     for _, _, b in sorted(candidates, key=lambda c: (c[0], c[1])):
         reasons = b.not_supported_reasons(plan)

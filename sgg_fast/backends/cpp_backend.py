@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..plan import REF_MOMENTUM, StepPlan
+from ..plan import REF_MOMENTUM, StepPlan, memo
 from . import register
 from .base import Backend, Partials
 
@@ -39,12 +39,8 @@ WS_WORDS_PER_TENSOR = 17
 
 
 def _cached(plan: StepPlan, name: str, key, make):
-    hit = plan.cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    value = make()
-    plan.cache[name] = (key, value)
-    return value
+    """``make()`` while ``key`` is unchanged since the last step (``plan.cache.cpp[name]``)."""
+    return memo(plan.cache.cpp, name, key, make)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -97,7 +93,7 @@ class _CompiledBackend(Backend):
     def _loaded_reasons(self) -> list[str]:
         return []
 
-    # -- per-step inputs, cached across steps in plan.cache ----------------------------------
+    # -- per-step inputs, cached across steps in plan.cache.cpp ------------------------------
     def _ws(self, plan: StepPlan, which: str):
         """CUDA device table + host mirror for op ``which`` (None on CPU)."""
         return None, None

@@ -14,6 +14,7 @@ Arithmetic is fp32 for fp32/bf16/fp16 tensors (fp64 for fp64 ones), like the fus
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TypeGuard
 
 import torch
 
@@ -32,6 +33,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _up(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     """fp32 views/copies for the arithmetic (a copy only for bf16/fp16)."""
     return [t.float() if t.dtype in _LOW else t for t in ts]
+
+
+def _filled(ts: list[torch.Tensor | None]) -> TypeGuard[list[torch.Tensor]]:
+    """True when no entry is None (for the optional per-tensor lists where the caller's mode
+    guarantees them: references of ema/source groups, max_exp_avg_sq of amsgrad groups)."""
+    return all(t is not None for t in ts)
 
 
 def _buckets(plan: StepPlan, by_group: bool) -> dict[tuple, list[int]]:
@@ -140,6 +147,7 @@ def apply_adamw(plan: StepPlan, out: torch.Tensor) -> None:
             torch._foreach_addcmul_(u, m32, betas)
         else:
             rs = [plan.refs[i] for i in idx]
+            assert _filled(rs)  # the engine attaches a reference to every tensor of an ema/source group
             r32 = _up(rs)
             torch._foreach_addcmul_(u, r32, betas)
             if mode == REF_EMA:  # r ← ref_beta·r + (1-ref_beta)·g (raw gradient)
@@ -163,12 +171,16 @@ def apply_adamw(plan: StepPlan, out: torch.Tensor) -> None:
 
         # p ← p·(1 - lr·wd);  p ← p - lr/(1-β1^t) · m / (√v/√(1-β2^t) + eps)
         torch._foreach_mul_(p32, 1 - lr * wd)
+        vmaxs: list[torch.Tensor] = []  # state["max_exp_avg_sq"] (amsgrad)
+        vmax = None
         if amsgrad:
-            vmax = _up([plan.max_exp_avg_sqs[i] for i in idx])
+            kept = [plan.max_exp_avg_sqs[i] for i in idx]
+            assert _filled(kept)  # kept for every tensor of an amsgrad group
+            vmaxs = kept
+            vmax = _up(vmaxs)
             torch._foreach_maximum_(vmax, v32)
             denom = torch._foreach_sqrt(vmax)
         else:
-            vmax = None
             denom = torch._foreach_sqrt(v32)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
@@ -179,14 +191,14 @@ def apply_adamw(plan: StepPlan, out: torch.Tensor) -> None:
             torch._foreach_copy_(ms, m32)
             torch._foreach_copy_(vs, v32)
             if vmax is not None:
-                torch._foreach_copy_([plan.max_exp_avg_sqs[i] for i in idx], vmax)
+                torch._foreach_copy_(vmaxs, vmax)
 
 
 def guide_grads(plan: StepPlan, out: torch.Tensor) -> None:
     """``g ← α·g + β·r`` in place (GradientGuidance); the ema reference takes the raw ``g``."""
     if _skipped(out):
         return
-    for (gi, dev, dtype), idx in _buckets(plan, by_group=True).items():
+    for (_gi, dev, dtype), idx in _buckets(plan, by_group=True).items():
         alphas = _per_tensor(plan, out, G.O_ALPHA, idx, dev)
         betas = _per_tensor(plan, out, G.O_BETA, idx, dev)
         gs = [plan.grads[i] for i in idx]
@@ -196,11 +208,13 @@ def guide_grads(plan: StepPlan, out: torch.Tensor) -> None:
         raw = [g.clone() for g in g32] if mode == REF_EMA else None
         torch._foreach_mul_(g32, alphas)
         if with_ref:
-            torch._foreach_addcmul_([g32[k] for k in with_ref], _up([plan.refs[idx[k]] for k in with_ref]),
-                                    [betas[k] for k in with_ref])
+            refs = [plan.refs[idx[k]] for k in with_ref]
+            assert _filled(refs)  # with_ref: the tensors that have one
+            torch._foreach_addcmul_([g32[k] for k in with_ref], _up(refs), [betas[k] for k in with_ref])
         if mode == REF_EMA:
             rb = _num(plan.segments[plan.seg_of_param[idx[0]]].group["ref_beta"])
             rs = [plan.refs[i] for i in idx]
+            assert _filled(rs) and raw is not None  # an ema group keeps a reference for every tensor
             r32 = _up(rs)
             torch._foreach_mul_(r32, rb)
             torch._foreach_add_(r32, raw, alpha=1 - rb)

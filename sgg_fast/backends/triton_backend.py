@@ -8,7 +8,7 @@ tensor, ``plan.seg_nus``) is read and written back by finalize through its addre
 mode adds no launch either.
 
 Host work per step is O(number of tensors): the addresses of every tensor are collected and
-compared with the cached tables (``plan.cache["triton"]``); only when they changed (e.g. new
+compared with the cached tables (``plan.cache.triton``); only when they changed (e.g. new
 gradients after ``zero_grad(set_to_none=True)``) is the int64 table rebuilt and copied to the
 device (pinned memory, ``non_blocking``: no host sync). The chunk table, the segment table and the
 per-group hyper-parameter table are rebuilt only when their contents change.
@@ -25,6 +25,7 @@ import importlib.util
 import math
 import os
 import weakref
+from collections.abc import Sequence
 
 import torch
 
@@ -63,7 +64,7 @@ def _sm_count(dev: torch.device) -> int:
 
 
 class _Tables:
-    """Per-optimizer cache of the device tables (lives in ``plan.cache["triton"]``)."""
+    """Per-optimizer cache of the device tables (lives in ``plan.cache.triton``)."""
 
     def __init__(self):
         self.struct_key = None     # what the chunk table / static columns were built for
@@ -163,7 +164,8 @@ class TritonBackend(Backend):
             out.append(msg)
             return limit is not None and len(out) >= limit
 
-        lists = [("parameter", plan.params), ("gradient", plan.grads)]
+        lists: list[tuple[str, Sequence[torch.Tensor | None]]] = [("parameter", plan.params),
+                                                                   ("gradient", plan.grads)]
         if len(plan.exp_avgs) == P:
             lists += [("exp_avg", plan.exp_avgs), ("exp_avg_sq", plan.exp_avg_sqs)]
         if len(plan.refs) == P:
@@ -197,9 +199,9 @@ class TritonBackend(Backend):
     # -- tables ------------------------------------------------------------------------------
     def _tables(self, plan: StepPlan) -> _Tables:
         """Validate (and if needed rebuild and upload) this plan's device tables."""
-        tab: _Tables = plan.cache.get("triton")
+        tab = plan.cache.triton
         if tab is None:
-            tab = plan.cache["triton"] = _Tables()
+            tab = plan.cache.triton = _Tables()
         if tab.plan is not None and tab.plan() is plan:
             return tab
         kstats, _, L = _kernels()
