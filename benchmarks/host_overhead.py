@@ -35,8 +35,7 @@ class HostRow:
 
 def host_rows() -> list[HostRow]:
     """The optimizers timed, in table order; SGG backends that cannot run here are left out."""
-    from sgg_fast import SGGAdamW
-    from sgg_fast import _ext
+    from sgg_fast import SGGAdamW, _ext
 
     rows = [HostRow("AdamW(fused=True)", lambda ps: torch.optim.AdamW(ps, fused=True, **ADAMW_KW)),
             HostRow("AdamW(foreach=True)", lambda ps: torch.optim.AdamW(ps, foreach=True, **ADAMW_KW))]
@@ -114,8 +113,9 @@ def main(argv=None) -> int:
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
     info = measure.machine_info(torch.device("cpu"))
     res = measure_counts(counts, args.elements, args.min_time)
+    load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"host overhead — cpu {info['cpu']}, torch {info['torch']}, {args.threads} thread(s), "
-          f"load {info['load']} at start, {'%.2f %.2f %.2f' % os.getloadavg()} at end, {info['date']}\n")
+          f"load {info['load']} at start, {load_end} at end, {info['date']}\n")
     print(markdown(res))
     return 0
 
