@@ -49,12 +49,13 @@ class Shape:
         return n
 
 
-#: named sizes (CPU: 1M … 50M; GPU: 10M … 8B). 1B/8B follow Llama-3.2-1B / Llama-3-8B.
+#: named sizes (CPU: 1M … 64M; GPU: 10M … 8B). 1B/8B follow Llama-3.2-1B / Llama-3-8B.
 SIZES: dict[str, Shape] = {
     "1M": Shape(hidden=128, layers=4, ffn=352, vocab=1536),
     "4M": Shape(hidden=256, layers=4, ffn=704, vocab=3072),
     "16M": Shape(hidden=512, layers=4, ffn=1408, vocab=6144),
     "50M": Shape(hidden=768, layers=6, ffn=2048, vocab=8192),
+    "64M": Shape(hidden=1024, layers=4, ffn=2816, vocab=12288),
     "10M": Shape(hidden=384, layers=5, ffn=1024, vocab=4096),
     "135M": Shape(hidden=576, layers=30, ffn=1536, vocab=49152, kv=192),       # SmolLM2-135M
     "350M": Shape(hidden=1024, layers=28, ffn=2816, vocab=32000, kv=256),

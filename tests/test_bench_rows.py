@@ -73,3 +73,32 @@ def test_deepspeed_row_or_its_reason_and_the_pass_rows():
     assert [r.bytes_per_element for r in extra] == [2] * len(extra) and extra[0].name.startswith("read baseline")
     for row in extra:
         row.create(groups).step()
+
+
+def test_host_overhead_rows_and_table_structure():
+    """benchmarks/host_overhead.py times SGGAdamW per CPU backend beside fused and foreach AdamW
+    on the same tiny tensors, and reports per-tensor cost and the ratio (structure only)."""
+    from benchmarks import host_overhead
+    from sgg_fast import _ext
+
+    names = [r.name for r in host_overhead.host_rows()]
+    assert names[:2] == ["AdamW(fused=True)", "AdamW(foreach=True)"]
+    assert "SGGAdamW[torch] momentum" in names
+    assert ("SGGAdamW[cpu] momentum" in names) == bool(_ext.load())
+    ps = host_overhead.make_params(3, 8)
+    assert len(ps) == 3 and all(p.numel() == 8 and p.grad is not None and p.grad.abs().sum() > 0 for p in ps)
+    res = host_overhead.measure_counts((3, 5), elements=8, min_time=0.0, warmup=1)
+    assert [(r["tensors"], r["row"]) for r in res] == [(c, n) for c in (3, 5) for n in names]
+    for r in res:
+        assert r["samples"] >= 20 and r["us_step"] > 0
+        assert abs(r["us_per_tensor"] * r["tensors"] - r["us_step"]) <= 1e-9 * r["us_step"]
+        if r["row"] == "AdamW(fused=True)":
+            assert r["x_fused_adamw"] == 1.0
+    table = host_overhead.markdown(res).splitlines()
+    assert len(table) == 2 + len(res) and "µs / tensor / step" in table[0]
+
+
+def test_64m_workload_is_llm_shaped():
+    shape = workloads.parse_size("64M")
+    assert 63e6 < shape.numel < 65e6
+    assert len(shape.tensor_shapes()) == 1 + 9 * shape.layers + 1
