@@ -2,8 +2,8 @@
 // and the index of the tensor ("grads[3] ...") and says what to do.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -23,7 +23,8 @@ inline void check_like(const at::Tensor& t, const char* name, int64_t i, const a
                        const char* like_name) {
   TORCH_CHECK(t.defined(), name, "[", i, "] is undefined");
   TORCH_CHECK(t.device() == like.device(), name, "[", i, "] is on ", t.device(), " but ", like_name,
-              "[", i, "] is on ", like.device(), "; keep optimizer state on the parameter's device");
+              "[", i, "] is on ", like.device(),
+              "; keep optimizer state on the parameter's device");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, "[", i, "] has dtype ",
               dtype_name(t.scalar_type()), " but ", like_name, "[", i, "] has dtype ",
               dtype_name(like.scalar_type()),
@@ -47,7 +48,8 @@ inline void check_first(const at::Tensor& t, const char* name, int64_t i) {
               "; the compiled kernels support float32, bfloat16 and float16 (use backend='torch' "
               "for float64)");
   TORCH_CHECK(t.is_contiguous() || t.is_non_overlapping_and_dense(), name, "[", i,
-              "] is not dense (strides ", t.strides(), "); call .contiguous() or use backend='torch'");
+              "] is not dense (strides ", t.strides(),
+              "); call .contiguous() or use backend='torch'");
 }
 
 inline std::optional<at::Tensor> opt_at(const c10::List<std::optional<at::Tensor>>& l, int64_t i) {
@@ -100,8 +102,10 @@ inline std::optional<at::Tensor> check_apply_ref(const at::Tensor& r, int64_t mo
                                                  const at::Tensor& p) {
   TORCH_CHECK(r.defined(), "refs[", i, "] is undefined");
   if (mode == 0) {
-    TORCH_CHECK(r.numel() == 0, "refs[", i, "] must be a placeholder with no elements for ref_mode 0 "
-                "(momentum: r is exp_avgs[", i, "] before the step), got shape ", r.sizes());
+    TORCH_CHECK(r.numel() == 0, "refs[", i,
+                "] must be a placeholder with no elements for ref_mode 0 "
+                "(momentum: r is exp_avgs[",
+                i, "] before the step), got shape ", r.sizes());
     return std::nullopt;
   }
   if (p.numel() == 0 && r.numel() == 0) return std::nullopt;

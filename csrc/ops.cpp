@@ -21,7 +21,7 @@ namespace cpu {
 const char* cpu_isa();
 int64_t openmp_version();  // _OPENMP of the CPU kernels' translation unit, 0 without OpenMP
 int64_t debug_threads();
-}
+}  // namespace cpu
 #ifdef SGG_FAST_WITH_CUDA
 namespace cuda {
 std::string cuda_build_info();

@@ -54,9 +54,7 @@ constexpr int REF_MOMENTUM = 0, REF_EMA = 1, REF_SOURCE = 2;
 // Number of statistics rows (chunks) of a tensor of n elements: at least one, so that every
 // tensor owns a row and every segment at least one (sgg_fast/backends/cpp_backend.py uses the
 // same rule to find each segment's rows).
-SGG_HD int64_t num_chunks(int64_t n, int64_t chunk) {
-  return n <= 0 ? 1 : (n + chunk - 1) / chunk;
-}
+SGG_HD int64_t num_chunks(int64_t n, int64_t chunk) { return n <= 0 ? 1 : (n + chunk - 1) / chunk; }
 
 template <typename T>
 SGG_HD bool sgg_isfinite(T x) {
@@ -167,7 +165,8 @@ SGG_HD bool finalize_row(const T* st, const T* h, const T* nu, T* out) {
   const bool bad = bad_stats || !sgg_isfinite(alpha) || !sgg_isfinite(beta);
 
   const bool start = sgg_isfinite(n2) && (n2 > zero);
-  const T nu_rel = nu_init ? mul_nc(mbeta, nu_old) + mul_nc(one - mbeta, n3) : (start ? n2 : nu_old);
+  const T nu_rel =
+      nu_init ? mul_nc(mbeta, nu_old) + mul_nc(one - mbeta, n3) : (start ? n2 : nu_old);
   const T flag_rel = (nu_init || start) ? one : zero;
 
   out[O_ALPHA] = alpha;

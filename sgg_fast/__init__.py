@@ -19,7 +19,8 @@ class _SourceTreeKernels(importlib.abc.MetaPathFinder):
         if name != "sgg_fast.kernels" or not os.path.isfile(os.path.join(self._dir, "__init__.py")):
             return None
         return importlib.util.spec_from_file_location(
-            name, os.path.join(self._dir, "__init__.py"), submodule_search_locations=[self._dir])
+            name, os.path.join(self._dir, "__init__.py"), submodule_search_locations=[self._dir]
+        )
 
 
 # first in sys.meta_path: a checkout's own kernels win over another install's mapping (e.g. an

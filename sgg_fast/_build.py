@@ -25,8 +25,13 @@ def csrc_dir() -> str | None:
     return None
 
 
-CPU_SOURCES = ["ops.cpp", "cpu/ops_cpu.cpp", "cpu/kernels_default.cpp", "cpu/kernels_avx2.cpp",
-               "cpu/kernels_avx512.cpp"]
+CPU_SOURCES = [
+    "ops.cpp",
+    "cpu/ops_cpu.cpp",
+    "cpu/kernels_default.cpp",
+    "cpu/kernels_avx2.cpp",
+    "cpu/kernels_avx512.cpp",
+]
 CUDA_SOURCES = ["cuda/ops_cuda.cpp", "cuda/kernels.cu"]
 HEADERS = ["sgg_common.h", "checks.h", "cpu/kernels.h", "cpu/kernels_impl.h", "cuda/cuda_table.h"]
 
@@ -106,8 +111,7 @@ def ld_flags() -> list[str]:
 def nvcc_flags(archs: list[str], debug: bool = False, threads: int = 2) -> list[str]:
     # FMA contraction stays on: finalize_row (the bitwise mirror of guidance.finalize) rounds
     # its products on their own with mul_nc (csrc/sgg_common.h); tests/test_cuda_ptx.py checks
-    flags = ["-O3" if not debug else "-G", "--expt-relaxed-constexpr",
-             "-lineinfo", f"--threads={threads}"]
+    flags = ["-O3" if not debug else "-G", "--expt-relaxed-constexpr", "-lineinfo", f"--threads={threads}"]
     for a in archs:
         num = a.replace(".", "").replace("+PTX", "")
         flags += [f"-gencode=arch=compute_{num},code=sm_{num}"]

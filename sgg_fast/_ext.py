@@ -81,14 +81,20 @@ def cheap_reasons() -> list[str]:
 def _build_reasons() -> list[str]:
     """The file-system half of :func:`cheap_reasons` (sources, compiler)."""
     if _env("SGG_FAST_NO_JIT"):
-        return ["the compiled extension sgg_fast._C is not installed and SGG_FAST_NO_JIT=1 forbids "
-                "a JIT build; reinstall with a C++ compiler present (pip install -e .)"]
+        return [
+            "the compiled extension sgg_fast._C is not installed and SGG_FAST_NO_JIT=1 forbids "
+            "a JIT build; reinstall with a C++ compiler present (pip install -e .)"
+        ]
     if _build.csrc_dir() is None:
-        return ["the compiled extension sgg_fast._C is not installed and the C++ sources (csrc/) "
-                "for a JIT build are missing; reinstall sgg_fast with a C++ compiler present"]
+        return [
+            "the compiled extension sgg_fast._C is not installed and the C++ sources (csrc/) "
+            "for a JIT build are missing; reinstall sgg_fast with a C++ compiler present"
+        ]
     if _build.cxx_compiler() is None:
-        return ["the compiled extension sgg_fast._C is not installed and no C++ compiler was found "
-                "for a JIT build; install g++ (or set CXX) and reinstall, or use backend='torch'"]
+        return [
+            "the compiled extension sgg_fast._C is not installed and no C++ compiler was found "
+            "for a JIT build; install g++ (or set CXX) and reinstall, or use backend='torch'"
+        ]
     return []
 
 
@@ -143,8 +149,12 @@ def _jit_build() -> None:
         raise RuntimeError("the C++ sources (csrc/) are not available for a JIT build")
     if _build.cxx_compiler() is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    with_cuda = (torch.cuda.is_available() and torch.version.cuda is not None and home is not None
-                 and os.path.isfile(os.path.join(home, "bin", "nvcc")))
+    with_cuda = (
+        torch.cuda.is_available()
+        and torch.version.cuda is not None
+        and home is not None
+        and os.path.isfile(os.path.join(home, "bin", "nvcc"))
+    )
     if with_cuda:
         _build.patch_torch_cuda_home(home)
     h = _build.source_hash(root)
@@ -211,8 +221,11 @@ def _load_once() -> bool:
         if _state["how"] is None:
             if not problems:
                 problems.append("the compiled extension sgg_fast._C is not installed")
-            _state["error"] = ("C++ extension unavailable: " + "; ".join(problems)
-                               + ". The torch backend still works; `python -m sgg_fast.info` shows this.")
+            _state["error"] = (
+                "C++ extension unavailable: "
+                + "; ".join(problems)
+                + ". The torch backend still works; `python -m sgg_fast.info` shows this."
+            )
             warnings.warn("sgg_fast: " + _state["error"], RuntimeWarning, stacklevel=3)
             return False
         import torch
@@ -236,7 +249,9 @@ def _check_stale() -> None:
         warnings.warn(
             "sgg_fast: the compiled extension sgg_fast._C was built from different C++ sources than "
             f"those in {root}; rebuild it (`make install` or `python setup.py build_ext --inplace`).",
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def ops():

@@ -42,8 +42,27 @@ def _finalize_fake(partials, seg_offsets, hyper, nu):
 
 
 @register_fake("sgg_fast::sgg_adamw_apply")
-def _apply_fake(params, grads, exp_avgs, exp_avg_sqs, steps, refs, out, seg_index, lr, beta1, beta2,
-                eps, weight_decay, ref_beta, ref_mode, lr_tensors, max_exp_avg_sqs, ws=None, ws_host=None):
+def _apply_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    steps,
+    refs,
+    out,
+    seg_index,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    ref_beta,
+    ref_mode,
+    lr_tensors,
+    max_exp_avg_sqs,
+    ws=None,
+    ws_host=None,
+):
     return None
 
 

@@ -97,28 +97,38 @@ def check_process_group(process_group: Any, owner: str):
     if process_group is None:
         return None
     if not torch.distributed.is_available():
-        raise RuntimeError(f"{owner}: process_group= was given but this PyTorch build has no "
-                           "torch.distributed; drop process_group or install a build with it.")
+        raise RuntimeError(
+            f"{owner}: process_group= was given but this PyTorch build has no "
+            "torch.distributed; drop process_group or install a build with it."
+        )
     import torch.distributed as dist
 
-    not_member = ValueError(f"{owner}: this rank is not a member of the process_group; pass the group "
-                            "of ranks that hold slices of this optimizer's tensors (this rank included).")
+    not_member = ValueError(
+        f"{owner}: this rank is not a member of the process_group; pass the group "
+        "of ranks that hold slices of this optimizer's tensors (this rank included)."
+    )
     if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
         raise not_member  # what dist.new_group returns on ranks outside the group
     mesh_cls = getattr(sys.modules.get("torch.distributed.device_mesh"), "DeviceMesh", None)
     if mesh_cls is not None and isinstance(process_group, mesh_cls):
         if process_group.ndim != 1:
-            raise ValueError(f"{owner}: process_group= got a {process_group.ndim}-D DeviceMesh; pass a "
-                             "1-D mesh (e.g. mesh['dp']) or a ProcessGroup: the ranks holding slices "
-                             "of the same tensors.")
+            raise ValueError(
+                f"{owner}: process_group= got a {process_group.ndim}-D DeviceMesh; pass a "
+                "1-D mesh (e.g. mesh['dp']) or a ProcessGroup: the ranks holding slices "
+                "of the same tensors."
+            )
         process_group = process_group.get_group()
     if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"{owner}: process_group must be a torch.distributed.ProcessGroup (e.g. "
-                        "dist.group.WORLD or dist.new_group(ranks)), a 1-D DeviceMesh or None, got "
-                        f"{type(process_group).__name__}.")
+        raise TypeError(
+            f"{owner}: process_group must be a torch.distributed.ProcessGroup (e.g. "
+            "dist.group.WORLD or dist.new_group(ranks)), a 1-D DeviceMesh or None, got "
+            f"{type(process_group).__name__}."
+        )
     if not dist.is_initialized():
-        raise RuntimeError(f"{owner}: process_group= needs torch.distributed to be initialised; call "
-                           "dist.init_process_group(...) before creating the optimizer.")
+        raise RuntimeError(
+            f"{owner}: process_group= needs torch.distributed to be initialised; call "
+            "dist.init_process_group(...) before creating the optimizer."
+        )
     if dist.get_rank(process_group) < 0:
         raise not_member
     return process_group
@@ -203,8 +213,7 @@ def _slot_layout(plan: StepPlan, params: list[torch.Tensor]) -> tuple[list[int],
     return seg_slot, n, sig
 
 
-def _check_layout(groups: list, n_slots: int, sig: int, device: torch.device, owner: str,
-                  cache: StepCache) -> None:
+def _check_layout(groups: list, n_slots: int, sig: int, device: torch.device, owner: str, cache: StepCache) -> None:
     """Every rank must all-reduce the same slot layout: check it once per layout (syncs)."""
     key = (tuple(id(g) for g in groups), n_slots, sig)
     if cache.dist_layout_checked == key:
@@ -222,7 +231,8 @@ def _check_layout(groups: list, n_slots: int, sig: int, device: torch.device, ow
                 "param_groups with the same granularity and, for granularity='tensor', the same number "
                 "of tensors per group in the same order (a slice of each). With "
                 "ZeroRedundancyOptimizer and granularity='tensor' each tensor is whole on one rank: "
-                "do not pass process_group there.")
+                "do not pass process_group there."
+            )
     cache.dist_layout_checked = key
 
 
@@ -247,8 +257,10 @@ def _localize(plan: StepPlan, i: int, DT, owner: str, seen: dict):
     if not isinstance(pl, tuple):
         pl = tuple(pl)
     if (id(mesh), pl) not in seen and any(x.is_partial() for x in pl):
-        raise RuntimeError(f"{owner}: {label} is a DTensor with a Partial placement {pl}; SGG needs "
-                           "parameters sharded (Shard) or replicated (Replicate).")
+        raise RuntimeError(
+            f"{owner}: {label} is a DTensor with a Partial placement {pl}; SGG needs "
+            "parameters sharded (Shard) or replicated (Replicate)."
+        )
     memo: dict[int, torch.Tensor] = {}
 
     def local(t, what):
@@ -262,23 +274,32 @@ def _localize(plan: StepPlan, i: int, DT, owner: str, seen: dict):
                 f"parameter is a DTensor ({pl} on {mesh}). SGG updates local shards and needs every "
                 "per-parameter tensor sharded like its parameter. Load FSDP2 optimizer state with "
                 "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict (not a full, "
-                "unsharded state dict), and pass references through set_reference().")
+                "unsharded state dict), and pass references through set_reference()."
+            )
         t_mesh, t_pl = t.device_mesh, t.placements
         # identity first: FSDP2's gradients and state share their parameter's mesh and placements
         if not ((t_mesh is mesh or t_mesh == mesh) and (t_pl is pl or tuple(t_pl) == pl)):
-            hint = (" Partial means the gradient was not reduced yet: step after backward() with "
-                    "gradient synchronisation on (FSDP2: set_requires_gradient_sync(True) on the last "
-                    "micro-batch)." if any(x.is_partial() for x in t.placements) else "")
+            hint = (
+                " Partial means the gradient was not reduced yet: step after backward() with "
+                "gradient synchronisation on (FSDP2: set_requires_gradient_sync(True) on the last "
+                "micro-batch)."
+                if any(x.is_partial() for x in t.placements)
+                else ""
+            )
             raise RuntimeError(
                 f"{owner}: {what} of {label} has placements {tuple(t.placements)} on {t.device_mesh}, "
                 f"its parameter {pl} on {mesh}; SGG works on local shards, which must line up element "
-                f"by element.{hint}")
+                f"by element.{hint}"
+            )
         memo[id(t)] = out = t.to_local()
         return out
 
     plan.grads[i] = local(plan.grads[i], "the gradient")
-    for lst, what in ((plan.exp_avgs, "state['exp_avg']"), (plan.exp_avg_sqs, "state['exp_avg_sq']"),
-                      (plan.refs, "the reference direction")):
+    for lst, what in (
+        (plan.exp_avgs, "state['exp_avg']"),
+        (plan.exp_avg_sqs, "state['exp_avg_sq']"),
+        (plan.refs, "the reference direction"),
+    ):
         if i < len(lst):
             lst[i] = local(lst[i], what)
     plan.params[i] = p.to_local()
@@ -293,8 +314,8 @@ class _Part:
 
     job: int | None
     sub: StepPlan
-    parents: torch.Tensor     # [S_sub] segment of the whole plan of each sub-plan segment
-    slots: torch.Tensor       # [S_sub] their slots
+    parents: torch.Tensor  # [S_sub] segment of the whole plan of each sub-plan segment
+    slots: torch.Tensor  # [S_sub] their slots
 
 
 class StatsSync:
@@ -308,8 +329,17 @@ class StatsSync:
     ``eps·|part|``; a non-finite part stays non-finite, so the skip decision is unchanged).
     """
 
-    def __init__(self, groups: list[list], main: int, parts: list[_Part], seg_slot: torch.Tensor,
-                 n_slots: int, identity: bool, absent: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(
+        self,
+        groups: list[list],
+        main: int,
+        parts: list[_Part],
+        seg_slot: torch.Tensor,
+        n_slots: int,
+        identity: bool,
+        absent: torch.Tensor | None,
+        dtype: torch.dtype,
+    ):
         self.groups, self.main, self.parts = groups, main, parts
         self.seg_slot, self.n_slots = seg_slot, n_slots
         self.identity, self.absent, self.dtype = identity, absent, dtype
@@ -318,8 +348,9 @@ class StatsSync:
         """Reduced partials (one row per segment of ``plan``), summed over the ranks."""
         S = plan.num_segments
         home = plan.home
-        part_rows = [backend.reduce(p.sub, backend.stats(p.sub)).values.to(device=home, dtype=self.dtype)
-                     for p in self.parts]
+        part_rows = [
+            backend.reduce(p.sub, backend.stats(p.sub)).values.to(device=home, dtype=self.dtype) for p in self.parts
+        ]
         rows = backend.reduce(plan, backend.stats(plan)).values.to(self.dtype)
         if len(self.groups) == 1 and not self.parts and self.identity:
             # the common case (FSDP2: every rank holds a shard of every segment): all-reduce in place
@@ -356,14 +387,24 @@ def _subplan(plan: StepPlan, idx: list[int], cache: StepCache) -> tuple[StepPlan
     parent segment."""
     sub = StepPlan(groups=plan.groups, cache=cache, rewrite_grad=plan.rewrite_grad)
     parents: list[int] = []
-    names = ("params", "grads", "group_index", "param_index", "exp_avgs", "exp_avg_sqs",
-             "max_exp_avg_sqs", "refs", "steps")
+    names = (
+        "params",
+        "grads",
+        "group_index",
+        "param_index",
+        "exp_avgs",
+        "exp_avg_sqs",
+        "max_exp_avg_sqs",
+        "refs",
+        "steps",
+    )
     for i in idx:
         s = plan.seg_of_param[i]
         if not parents or parents[-1] != s:
             par = plan.segments[s]
-            sub.segments.append(Segment(len(sub.segments), par.label, par.group, par.device,
-                                        len(sub.params), len(sub.params)))
+            sub.segments.append(
+                Segment(len(sub.segments), par.label, par.group, par.device, len(sub.params), len(sub.params))
+            )
             parents.append(s)
         sub.segments[-1].stop += 1
         sub.seg_of_param.append(len(sub.segments) - 1)
@@ -395,12 +436,13 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
         raise ValueError(
             f"{owner}: process_group= is for plain tensors sliced by hand, but {first} is a DTensor "
             "(FSDP2 / tensor parallel): its statistics are summed over the mesh dimensions it is "
-            "sharded on automatically. Drop process_group.")
+            "sharded on automatically. Drop process_group."
+        )
     original = list(plan.params)
     seg_slot, n_slots, sig = _slot_layout(plan, original)
 
     # domains: one per mesh (or the process group); plain tensors without a group: local
-    domains: dict[int, dict] = {}   # id(mesh or group) -> {"mesh", "group", "members": [(i, dims)]}
+    domains: dict[int, dict] = {}  # id(mesh or group) -> {"mesh", "group", "members": [(i, dims)]}
     local_idx: list[int] = []
     seen: dict = {}
     summed_dims: dict = {}
@@ -410,21 +452,23 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
             dims = summed_dims.get((id(mesh), pl))
             if dims is None:
                 dims = summed_dims[(id(mesh), pl)] = frozenset(
-                    d for d, x in enumerate(pl) if x.is_shard() and mesh.size(d) > 1)
+                    d for d, x in enumerate(pl) if x.is_shard() and mesh.size(d) > 1
+                )
             dom = domains.setdefault(id(mesh), {"mesh": mesh, "group": None, "members": []})
             dom["members"].append((i, dims))
         elif process_group is not None:
-            dom = domains.setdefault(id(process_group), {"mesh": None, "group": process_group,
-                                                        "members": []})
+            dom = domains.setdefault(id(process_group), {"mesh": None, "group": process_group, "members": []})
             dom["members"].append((i, frozenset({0})))
         else:
             if is_dtensor(plan.grads[i]):
-                raise RuntimeError(f"{owner}: the gradient of {plan.label(i)} is a DTensor but the "
-                                   "parameter is not; shard both the same way (e.g. fully_shard).")
+                raise RuntimeError(
+                    f"{owner}: the gradient of {plan.label(i)} is a DTensor but the "
+                    "parameter is not; shard both the same way (e.g. fully_shard)."
+                )
             local_idx.append(i)
 
-    jobs: list[tuple[list[int], list]] = []   # (tensors counted here, groups summed over)
-    inactive: list[int] = []                  # replicated copies counted on another rank
+    jobs: list[tuple[list[int], list]] = []  # (tensors counted here, groups summed over)
+    inactive: list[int] = []  # replicated copies counted on another rank
     for dom in domains.values():
         if dom["mesh"] is None:
             jobs.append(([i for i, _ in dom["members"]], [dom["group"]]))
@@ -461,15 +505,23 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
             continue
         name = f"part:{'inactive' if k is None else k}"
         sub, parents = _subplan(plan, idx, plan.cache.dist_parts.setdefault(name, StepCache()))
-        parts.append(_Part(k, sub, _cached_index(plan, f"{name}:parents", parents, home),
-                           _cached_index(plan, f"{name}:slots", [seg_slot[s] for s in parents], home)))
-    return StatsSync([groups for _, groups in jobs], main, parts, seg_slot_t, n_slots, identity,
-                     absent_t, _stat_dtype(plan))
+        parts.append(
+            _Part(
+                k,
+                sub,
+                _cached_index(plan, f"{name}:parents", parents, home),
+                _cached_index(plan, f"{name}:slots", [seg_slot[s] for s in parents], home),
+            )
+        )
+    return StatsSync(
+        [groups for _, groups in jobs], main, parts, seg_slot_t, n_slots, identity, absent_t, _stat_dtype(plan)
+    )
 
 
 def _cached_index(plan: StepPlan, name: str, values: list[int], device: torch.device) -> torch.Tensor:
-    return memo(plan.cache.dist_index, name, (tuple(values), device),
-                lambda: torch.tensor(values, dtype=torch.int64).to(device))
+    return memo(
+        plan.cache.dist_index, name, (tuple(values), device), lambda: torch.tensor(values, dtype=torch.int64).to(device)
+    )
 
 
 def idle_step(plan: StepPlan, process_group, owner: str) -> None:

@@ -121,7 +121,8 @@ class StepEngine:
                     f"{self.owner}: non-finite gradient statistics in {seg.label} "
                     f"(tensors {plan.label(seg.start)} … {plan.label(seg.stop - 1)}); the step was "
                     "not applied. Find where the inf/NaN comes from (lower the lr, use a GradScaler "
-                    "for fp16), or pass nonfinite='skip' to skip such steps.")
+                    "for fp16), or pass nonfinite='skip' to skip such steps."
+                )
 
     # -- skipped steps -----------------------------------------------------------------------
     def _count_skip(self, out: torch.Tensor, backend) -> None:
@@ -152,7 +153,10 @@ class StepEngine:
         warnings.warn(
             f"{self.owner}: a step was skipped because the gradient statistics are not finite "
             "(inf/NaN gradients); parameters and state were left unchanged. Skips are counted in "
-            "opt.skipped_steps(); this warning is shown once.", RuntimeWarning, stacklevel=4)
+            "opt.skipped_steps(); this warning is shown once.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def skipped_steps(self) -> torch.Tensor:
         """Number of skipped steps so far, as an int64 tensor (on the device of the steps when

@@ -72,10 +72,19 @@ STAT_COLS = ("gg", "rr", "gr", "pp")
 GG, RR, GR, PP = range(4)
 
 #: columns of the per-segment hyper-parameter tensor (:func:`hyper_row`)
-HYPER_COLS = ("lambda_dir", "lambda_mag", "lambda_align", "mag_mode", "max_norm", "mag_ratio", "mag_beta",
-              "gr_sign", "alpha_sign", "beta_sign")
-(H_LDIR, H_LMAG, H_LALIGN, H_MODE, H_MAXNORM, H_RATIO, H_MBETA,
- H_GRSIGN, H_ASIGN, H_BSIGN) = range(len(HYPER_COLS))
+HYPER_COLS = (
+    "lambda_dir",
+    "lambda_mag",
+    "lambda_align",
+    "mag_mode",
+    "max_norm",
+    "mag_ratio",
+    "mag_beta",
+    "gr_sign",
+    "alpha_sign",
+    "beta_sign",
+)
+(H_LDIR, H_LMAG, H_LALIGN, H_MODE, H_MAXNORM, H_RATIO, H_MBETA, H_GRSIGN, H_ASIGN, H_BSIGN) = range(len(HYPER_COLS))
 
 #: codes of ``mag_mode`` in the ``mag_mode`` column
 MAG_MODES = {"absolute": 0, "relative": 1, "param": 2}
@@ -84,20 +93,54 @@ MAG_MODES = {"absolute": 0, "relative": 1, "param": 2}
 #: ``bad`` marks a segment whose statistics (or α, β) are not finite, ``skipped`` (same in every
 #: row) is 1 when the step is skipped.
 OUT_COLS = (
-    "alpha", "beta", "norm_ema", "norm_ema_init",
-    "grad_norm", "ref_norm", "cos", "conflict", "guided_norm", "mag_scale",
-    "dir_penalty", "mag_penalty", "bad", "skipped",
+    "alpha",
+    "beta",
+    "norm_ema",
+    "norm_ema_init",
+    "grad_norm",
+    "ref_norm",
+    "cos",
+    "conflict",
+    "guided_norm",
+    "mag_scale",
+    "dir_penalty",
+    "mag_penalty",
+    "bad",
+    "skipped",
 )
-(O_ALPHA, O_BETA, O_NU, O_NUINIT, O_GNORM, O_RNORM, O_COS, O_CONFLICT, O_UNORM, O_SCALE,
- O_DIRPEN, O_MAGPEN, O_BAD, O_SKIP) = range(len(OUT_COLS))
+(
+    O_ALPHA,
+    O_BETA,
+    O_NU,
+    O_NUINIT,
+    O_GNORM,
+    O_RNORM,
+    O_COS,
+    O_CONFLICT,
+    O_UNORM,
+    O_SCALE,
+    O_DIRPEN,
+    O_MAGPEN,
+    O_BAD,
+    O_SKIP,
+) = range(len(OUT_COLS))
 
 #: columns of the ``nu`` input (and of ``plan.seg_nus[s]``)
 NU_COLS = ("norm_ema", "norm_ema_init")
 N_NU, N_INIT = range(2)
 
 #: the ``last_stats()`` entries (DESIGN §1.6), in OUT_COLS order
-STATS_KEYS = ("grad_norm", "ref_norm", "cos", "conflict", "guided_norm", "mag_scale",
-              "dir_penalty", "mag_penalty", "skipped")
+STATS_KEYS = (
+    "grad_norm",
+    "ref_norm",
+    "cos",
+    "conflict",
+    "guided_norm",
+    "mag_scale",
+    "dir_penalty",
+    "mag_penalty",
+    "skipped",
+)
 
 #: ``‖w‖² <= BLEND_EPS·eps(dtype)`` disables the direction blend (g1 and r opposite, λ1 ≈ ½).
 #: Above it the blend's amplification 1/‖w‖ stays below 1/√(16·eps) (~725 in float32).
@@ -108,15 +151,18 @@ CANCEL_EPS = 16.0
 #: floor of ``√pp`` in ``mag_mode="param"`` (AGC-style), so that zero-initialised weights can move
 PARAM_NORM_FLOOR = 1e-3
 
-GUIDANCE_KEYS = ("lambda_dir", "lambda_mag", "lambda_align", "mag_mode", "max_norm",
-                 "mag_ratio", "mag_beta")
+GUIDANCE_KEYS = ("lambda_dir", "lambda_mag", "lambda_align", "mag_mode", "max_norm", "mag_ratio", "mag_beta")
 
 #: (gr_sign, alpha_sign, beta_sign) by (maximize, reference is "momentum", rewrite_grad)
 _SIGNS = {
-    (False, True, False): (1.0, 1.0, 1.0), (False, False, False): (1.0, 1.0, 1.0),
-    (False, True, True): (1.0, 1.0, 1.0), (False, False, True): (1.0, 1.0, 1.0),
-    (True, True, False): (-1.0, -1.0, 1.0), (True, False, False): (1.0, -1.0, -1.0),
-    (True, True, True): (-1.0, 1.0, -1.0), (True, False, True): (1.0, 1.0, 1.0),
+    (False, True, False): (1.0, 1.0, 1.0),
+    (False, False, False): (1.0, 1.0, 1.0),
+    (False, True, True): (1.0, 1.0, 1.0),
+    (False, False, True): (1.0, 1.0, 1.0),
+    (True, True, False): (-1.0, -1.0, 1.0),
+    (True, False, False): (1.0, -1.0, -1.0),
+    (True, True, True): (-1.0, 1.0, -1.0),
+    (True, False, True): (1.0, 1.0, 1.0),
 }
 
 
@@ -214,8 +260,7 @@ def finalize(stats: torch.Tensor, hyper: torch.Tensor, nu: torch.Tensor) -> torc
     if nu.dim() != 2 or nu.shape[1] != len(NU_COLS):
         raise ValueError(f"finalize: nu must have shape [S, {len(NU_COLS)}] (ν, initialised), got {tuple(nu.shape)}")
     gg, rr, gr_raw, pp = stats.unbind(1)
-    (l_dir, l_mag, l_align, mode, max_norm, ratio, mbeta,
-     gr_sign, alpha_sign, beta_sign) = hyper.unbind(1)
+    (l_dir, l_mag, l_align, mode, max_norm, ratio, mbeta, gr_sign, alpha_sign, beta_sign) = hyper.unbind(1)
     nu_old, nu_flag = nu.unbind(1)
     zero = torch.zeros_like(gg)
     one = torch.ones_like(gg)
@@ -288,9 +333,20 @@ def finalize(stats: torch.Tensor, hyper: torch.Tensor, nu: torch.Tensor) -> torc
 
     out = torch.stack(
         [
-            alpha, beta, nu_new, flag_new,
-            ng, nr, kap, conflict.to(dt), n3, s,
-            1 - kap, mag_pen, bad.to(dt), skip.to(dt).expand_as(gg),
+            alpha,
+            beta,
+            nu_new,
+            flag_new,
+            ng,
+            nr,
+            kap,
+            conflict.to(dt),
+            n3,
+            s,
+            1 - kap,
+            mag_pen,
+            bad.to(dt),
+            skip.to(dt).expand_as(gg),
         ],
         dim=1,
     )

@@ -25,8 +25,10 @@ def main() -> int:
 
     import sgg_fast
 
-    print(f"sgg_fast {sgg_fast.__version__}  python {platform.python_version()}  torch {torch.__version__}"
-          f"  cuda available: {torch.cuda.is_available()}")
+    print(
+        f"sgg_fast {sgg_fast.__version__}  python {platform.python_version()}  torch {torch.__version__}"
+        f"  cuda available: {torch.cuda.is_available()}"
+    )
     try:
         import importlib.metadata as md
 

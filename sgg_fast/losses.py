@@ -52,9 +52,14 @@ def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
-def guidance_penalty(loss: torch.Tensor, params: Iterable[torch.Tensor], reference: Any = None,
-                     lambda_dir: float = 0.0, lambda_mag: float = 0.0, max_norm: float = 1.0
-                     ) -> torch.Tensor:
+def guidance_penalty(
+    loss: torch.Tensor,
+    params: Iterable[torch.Tensor],
+    reference: Any = None,
+    lambda_dir: float = 0.0,
+    lambda_mag: float = 0.0,
+    max_norm: float = 1.0,
+) -> torch.Tensor:
     """``λ1·(1 - cos(∇L, r)) + λ2·½·max(0, ‖∇L‖ - τ)²`` with ``∇L`` kept in the graph.
 
     Use as ``(loss + guidance_penalty(loss, params, ref, λ1, λ2, τ)).backward()``.
@@ -79,8 +84,10 @@ def guidance_penalty(loss: torch.Tensor, params: Iterable[torch.Tensor], referen
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError("guidance_penalty: `loss` must be a scalar tensor (reduce it first, e.g. .mean())")
     if not loss.requires_grad:
-        raise ValueError("guidance_penalty: `loss` does not require grad; compute it from the parameters "
-                         "with autograd enabled (not under torch.no_grad())")
+        raise ValueError(
+            "guidance_penalty: `loss` does not require grad; compute it from the parameters "
+            "with autograd enabled (not under torch.no_grad())"
+        )
     params = list(params)
     if not params:
         raise ValueError("guidance_penalty: `params` is empty")
@@ -89,8 +96,10 @@ def guidance_penalty(loss: torch.Tensor, params: Iterable[torch.Tensor], referen
             raise ValueError(f"guidance_penalty: params[{i}] is not a tensor that requires grad")
     if reference is None:
         if l1 > 0:
-            raise ValueError("guidance_penalty: lambda_dir > 0 needs a `reference` direction "
-                             "(e.g. sgg_fast.source_gradients(...)); pass one or set lambda_dir=0")
+            raise ValueError(
+                "guidance_penalty: lambda_dir > 0 needs a `reference` direction "
+                "(e.g. sgg_fast.source_gradients(...)); pass one or set lambda_dir=0"
+            )
         refs: list[torch.Tensor | None] = [None] * len(params)
     else:
         checked = check_reference_shapes(params, reference, "guidance_penalty")

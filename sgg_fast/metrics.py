@@ -43,8 +43,19 @@ from typing import Any
 import torch
 
 #: slots of the on-device accumulator (float64)
-_SLOTS = ("steps", "skipped", "sum_u", "sum_u2", "sum_g", "sum_g2", "n_align", "sum_cos",
-          "sum_cos2", "n_conflict", "n_clipped")
+_SLOTS = (
+    "steps",
+    "skipped",
+    "sum_u",
+    "sum_u2",
+    "sum_g",
+    "sum_g2",
+    "n_align",
+    "sum_cos",
+    "sum_cos2",
+    "n_conflict",
+    "n_clipped",
+)
 (_N, _SKIP, _SU, _SU2, _SG, _SG2, _NA, _SC, _SC2, _NCONF, _NCLIP) = range(len(_SLOTS))
 
 
@@ -87,19 +98,21 @@ class GuidanceMetrics:
         clipped = (stats["mag_scale"] < 1).any()
         zero = torch.zeros_like(G)
         one = torch.ones_like(G)
-        vec = torch.stack([
-            torch.where(valid, one, zero),
-            torch.where(valid, zero, one),
-            torch.where(valid, U, zero),
-            torch.where(valid, U * U, zero),
-            torch.where(valid, G, zero),
-            torch.where(valid, G * G, zero),
-            has.to(f64),
-            c,
-            c * c,
-            (has & (gr < 0)).to(f64),
-            (valid & clipped).to(f64),
-        ])
+        vec = torch.stack(
+            [
+                torch.where(valid, one, zero),
+                torch.where(valid, zero, one),
+                torch.where(valid, U, zero),
+                torch.where(valid, U * U, zero),
+                torch.where(valid, G, zero),
+                torch.where(valid, G * G, zero),
+                has.to(f64),
+                c,
+                c * c,
+                (has & (gr < 0)).to(f64),
+                (valid & clipped).to(f64),
+            ]
+        )
         if self._acc is None or self._acc.device != vec.device:
             self._acc = torch.zeros(len(_SLOTS), dtype=f64, device=vec.device)
         self._acc += vec

@@ -42,8 +42,12 @@ def _as_nu(value: Any, device: torch.device) -> torch.Tensor | None:
 
 
 def _is_nu(value: Any, device: torch.device) -> TypeIs[torch.Tensor]:
-    return (isinstance(value, torch.Tensor) and value.shape == (2,) and value.dtype == torch.float32
-            and value.device == device)
+    return (
+        isinstance(value, torch.Tensor)
+        and value.shape == (2,)
+        and value.dtype == torch.float32
+        and value.device == device
+    )
 
 
 class GuidedOptimizerMixin:
@@ -172,39 +176,76 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
     parameters nor on which of them have a gradient, and it is saved by :meth:`state_dict`.
     """
 
-
     _owner = "SGGAdamW"
     #: the hooks of sgg_fast.overlap_backward, when installed (they run part of the step in backward)
     _overlap = None
 
-    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3,
-                 betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = True,
-                 lambda_dir: float = 0.2, lambda_mag: float = 1.0, lambda_align: float = 1.0,
-                 mag_mode: str = "relative", max_norm: float = 1.0, mag_ratio: float = 2.0,
-                 mag_beta: float = 0.9, reference: str = "momentum", ref_beta: float = 0.9,
-                 granularity: str = "group", nonfinite: str = "skip", backend: str = "auto",
-                 process_group=None):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = True,
+        lambda_dir: float = 0.2,
+        lambda_mag: float = 1.0,
+        lambda_align: float = 1.0,
+        mag_mode: str = "relative",
+        max_norm: float = 1.0,
+        mag_ratio: float = 2.0,
+        mag_beta: float = 0.9,
+        reference: str = "momentum",
+        ref_beta: float = 0.9,
+        granularity: str = "group",
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        process_group=None,
+    ):
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
         if differentiable:
             raise NotImplementedError(
                 "SGGAdamW does not support differentiable=True (its fused steps are not "
                 "differentiable); use torch.optim.AdamW(differentiable=True), or "
-                "sgg_fast.losses.guidance_penalty for a differentiable form of the guidance.")
+                "sgg_fast.losses.guidance_penalty for a differentiable form of the guidance."
+            )
         if fused and backend == "torch":
-            raise ValueError("SGGAdamW(fused=True) asks for a fused backend but backend='torch' is "
-                             "not one; drop fused=True or use backend='auto'")
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        foreach=foreach, capturable=capturable, differentiable=differentiable,
-                        fused=fused, decoupled_weight_decay=decoupled_weight_decay,
-                        lambda_dir=lambda_dir, lambda_mag=lambda_mag, lambda_align=lambda_align,
-                        mag_mode=mag_mode, max_norm=max_norm, mag_ratio=mag_ratio, mag_beta=mag_beta,
-                        reference=reference, ref_beta=ref_beta, granularity=granularity, nonfinite=nonfinite)
+            raise ValueError(
+                "SGGAdamW(fused=True) asks for a fused backend but backend='torch' is "
+                "not one; drop fused=True or use backend='auto'"
+            )
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            lambda_dir=lambda_dir,
+            lambda_mag=lambda_mag,
+            lambda_align=lambda_align,
+            mag_mode=mag_mode,
+            max_norm=max_norm,
+            mag_ratio=mag_ratio,
+            mag_beta=mag_beta,
+            reference=reference,
+            ref_beta=ref_beta,
+            granularity=granularity,
+            nonfinite=nonfinite,
+        )
         self._validate_group(defaults)
         self._engine = StepEngine(self._owner, backend, process_group, fused=bool(fused))
         super().__init__(params, defaults)
@@ -237,8 +278,12 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         before any is written. See :func:`sgg_fast.source_gradients`.
         """
         checked = check_reference_shapes(self._all_params(), refs, self._owner)
-        new = {p: (torch.zeros_like(p, memory_format=torch.preserve_format) if r is None
-                   else _distributed.like_param(r, p)) for p, r in checked.items()}
+        new = {
+            p: (
+                torch.zeros_like(p, memory_format=torch.preserve_format) if r is None else _distributed.like_param(r, p)
+            )
+            for p, r in checked.items()
+        }
         for p, r in new.items():
             self.state[p]["ref"] = r
 
@@ -252,31 +297,34 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                 raise RuntimeError(
                     f"{self._owner}: {plan.label(i)} is in a reference='source' group but no reference "
                     "was set; call opt.set_reference(...) before step() (see "
-                    "sgg_fast.source_gradients), with None for a zero reference.")
+                    "sgg_fast.source_gradients), with None for a zero reference."
+                )
             if not st:
                 continue
             for k in PARAM_SHAPED:
                 t = st.get(k)
                 if t is None:
                     continue
-                if (not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype
-                        or t.device != p.device):
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
                     what = describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise RuntimeError(
                         f"{self._owner}: state[{k!r}] of {plan.label(i)} is {what}, its parameter "
                         f"{describe(p)}. The optimizer state does not match this model (a checkpoint "
                         "of another model or a corrupted one): load the state saved with this model, "
-                        f"or drop this parameter's state with `del opt.state[p]` to restart it.")
+                        f"or drop this parameter's state with `del opt.state[p]` to restart it."
+                    )
             if "exp_avg" in st and ("step" not in st or "exp_avg_sq" not in st):
                 missing = "step" if "step" not in st else "exp_avg_sq"
                 raise RuntimeError(
                     f"{self._owner}: the state of {plan.label(i)} has 'exp_avg' but no {missing!r}; "
                     "the checkpoint is incomplete. Load a complete optimizer state, or drop this "
-                    "parameter's state with `del opt.state[p]` to restart it.")
+                    "parameter's state with `del opt.state[p]` to restart it."
+                )
             step = st.get("step")
             if step is not None and not (isinstance(step, torch.Tensor) and step.numel() == 1):
-                raise RuntimeError(f"{self._owner}: state['step'] of {plan.label(i)} must be a "
-                                   f"one-element tensor, got {step!r}")
+                raise RuntimeError(
+                    f"{self._owner}: state['step'] of {plan.label(i)} must be a one-element tensor, got {step!r}"
+                )
 
     def _init_group(self, plan: StepPlan) -> dict:
         """Attach the state of every tensor (new entries are made but not yet stored: they are
@@ -355,7 +403,7 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         overlap = self._overlap
         if overlap is not None:
             overlap.before_step()
-        plan, pending = self._plan()        # every check happens here, before any write
+        plan, pending = self._plan()  # every check happens here, before any write
         if not plan.params:
             self._engine.idle(plan)
         else:
@@ -381,10 +429,11 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
             raise TypeError(
                 f"{self._owner} with process_group= cannot be pickled or deep-copied (a process "
                 "group is a live connection); checkpoint with state_dict() instead, and pass "
-                "process_group= again when you build the new optimizer.")
+                "process_group= again when you build the new optimizer."
+            )
         state.pop("_engine", None)
         state.pop("_settings_keys", None)
-        state.pop("_overlap", None)   # hooks belong to the live model, not to a copy
+        state.pop("_overlap", None)  # hooks belong to the live model, not to a copy
         state.pop("_step_supports_amp_scaling", None)
         return state
 
@@ -410,14 +459,18 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         """
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
-            raise ValueError(f"{self._owner}.load_state_dict: expected a dict with 'state' and "
-                             "'param_groups' (from optimizer.state_dict())")
+            raise ValueError(
+                f"{self._owner}.load_state_dict: expected a dict with 'state' and "
+                "'param_groups' (from optimizer.state_dict())"
+            )
         if len(groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         for k, (g, ng) in enumerate(zip(self.param_groups, groups)):
             if len(g["params"]) != len(ng["params"]):
-                raise ValueError("loaded state dict contains a parameter group that doesn't match "
-                                 f"the size of optimizer's group (param_groups[{k}])")
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match "
+                    f"the size of optimizer's group (param_groups[{k}])"
+                )
         merged = []
         for k, ng in enumerate(groups):
             full = {**self.defaults, **{key: v for key, v in ng.items() if key != "params"}}
@@ -442,12 +495,16 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                     raise ValueError(
                         f"{self._owner}.load_state_dict: state[{key!r}] of parameter {pid} has shape "
                         f"{shape}, the parameter {tuple(p.shape)}; this state dict belongs to another "
-                        "model (or parameters are in another order).")
+                        "model (or parameters are in another order)."
+                    )
             if ("exp_avg" in st or "exp_avg_sq" in st) and "step" not in st:
-                raise ValueError(f"{self._owner}.load_state_dict: the state of parameter {pid} has "
-                                 "moments but no 'step'; the state dict is incomplete")
-        nus = {pid: st["norm_ema"] for pid, st in state_dict["state"].items()
-               if isinstance(st, dict) and "norm_ema" in st}
+                raise ValueError(
+                    f"{self._owner}.load_state_dict: the state of parameter {pid} has "
+                    "moments but no 'step'; the state dict is incomplete"
+                )
+        nus = {
+            pid: st["norm_ema"] for pid, st in state_dict["state"].items() if isinstance(st, dict) and "norm_ema" in st
+        }
         group_nus = [ng.get("norm_ema") for ng in groups]
         super().load_state_dict(state_dict)
         for group, full in zip(self.param_groups, merged):
@@ -469,8 +526,10 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                 st["norm_ema"] = nu
             if "step" in st:
                 step = st["step"]
-                st["step"] = (step.detach().to(device=p.device, dtype=torch.float32, copy=True)
-                              if torch.is_tensor(step) else
-                              torch.tensor(float(step), dtype=torch.float32, device=p.device))
+                st["step"] = (
+                    step.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                    if torch.is_tensor(step)
+                    else torch.tensor(float(step), dtype=torch.float32, device=p.device)
+                )
         self._settings_keys = None
         self._engine.reset_last()

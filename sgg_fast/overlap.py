@@ -105,29 +105,33 @@ class OverlapHandle:
             raise TypeError(
                 f"overlap_backward needs an sgg_fast.SGGAdamW, got {type(optimizer).__name__}. For "
                 "torch optimizers use PyTorch's optimizer-in-backward pattern (one optimizer per "
-                "parameter stepped in register_post_accumulate_grad_hook).")
+                "parameter stepped in register_post_accumulate_grad_hook)."
+            )
         if mode not in MODES:
             raise ValueError(f"overlap_backward: mode must be one of {MODES}, got {mode!r}")
         if getattr(optimizer, "_overlap", None) is not None:
-            raise RuntimeError("overlap_backward: this optimizer already has hooks; call "
-                               ".remove() on the first handle before making another")
+            raise RuntimeError(
+                "overlap_backward: this optimizer already has hooks; call "
+                ".remove() on the first handle before making another"
+            )
         if optimizer.process_group is not None:
             raise ValueError(
                 "overlap_backward does not support SGGAdamW(process_group=...): the statistics of "
-                "sliced tensors are summed across ranks in step(); use the ordinary step.")
+                "sliced tensors are summed across ranks in step(); use the ordinary step."
+            )
         self._refuse_distributed(model_or_params)
         groups = [g for g in optimizer.param_groups if g["params"]]
         if mode == "auto":
             mode = "step" if groups and all(g["granularity"] == "tensor" for g in groups) else "stats"
         if mode == "step":
-            bad = [i for i, g in enumerate(optimizer.param_groups)
-                   if g["params"] and g["granularity"] != "tensor"]
+            bad = [i for i, g in enumerate(optimizer.param_groups) if g["params"] and g["granularity"] != "tensor"]
             if bad:
                 raise ValueError(
                     f"overlap_backward(mode='step') runs each tensor's whole step in its hook, which "
                     f"needs granularity='tensor' in every group; param_groups{bad} use "
                     f"{sorted({optimizer.param_groups[i]['granularity'] for i in bad})}. Use "
-                    "mode='stats' (statistics in backward, finalize + apply in step()).")
+                    "mode='stats' (statistics in backward, finalize + apply in step())."
+                )
         self.mode = mode
         self._opt = optimizer
         owned = {p: None for g in optimizer.param_groups for p in g["params"]}
@@ -140,28 +144,33 @@ class OverlapHandle:
         params, seen = [], set()
         for p in candidates:
             if isinstance(p, dict):
-                raise TypeError("overlap_backward: pass a model or its parameters, not param_group "
-                                "dicts (the groups are the optimizer's)")
+                raise TypeError(
+                    "overlap_backward: pass a model or its parameters, not param_group "
+                    "dicts (the groups are the optimizer's)"
+                )
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
             if p not in owned:
                 if not isinstance(model_or_params, torch.nn.Module):
-                    raise ValueError(f"overlap_backward: a parameter ({describe(p)}) is not in the "
-                                     "optimizer's param_groups")
+                    raise ValueError(
+                        f"overlap_backward: a parameter ({describe(p)}) is not in the optimizer's param_groups"
+                    )
                 continue  # a model parameter that this optimizer does not train
             if _distributed.is_dtensor(p):
                 raise RuntimeError(
                     "overlap_backward does not support FSDP2 / DTensor parameters: their "
                     "statistics are summed across the mesh in step() and FSDP2 reduce-scatters "
-                    "gradients after these hooks would run. Use the ordinary opt.step().")
+                    "gradients after these hooks would run. Use the ordinary opt.step()."
+                )
             params.append(p)
         if not params:
-            raise ValueError("overlap_backward: none of the given parameters is trained by this "
-                             "optimizer (with requires_grad=True)")
+            raise ValueError(
+                "overlap_backward: none of the given parameters is trained by this optimizer (with requires_grad=True)"
+            )
         self._accumulating = 0
-        self._stats: dict[torch.Tensor, _Stats] = {}    # mode "stats"
-        self._used: dict[torch.Tensor, Any] = {}        # mode "step": params stepped this step
+        self._stats: dict[torch.Tensor, _Stats] = {}  # mode "stats"
+        self._used: dict[torch.Tensor, Any] = {}  # mode "step": params stepped this step
         self._outs: list[tuple] = []  # mode "step": (position, finalize rows, label) of each hook
         self._caches: dict[torch.Tensor, StepCache] = {}
         self._backend_cache: dict = {}
@@ -170,8 +179,7 @@ class OverlapHandle:
         # autograd runs the hooks of each device on that device's thread: one hook at a time
         self._lock = threading.Lock()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
-        self._handles.append(optimizer.register_load_state_dict_post_hook(
-            lambda opt: self._stats.clear()))
+        self._handles.append(optimizer.register_load_state_dict_post_hook(lambda opt: self._stats.clear()))
         self._amp_attr = optimizer.__dict__.get("_step_supports_amp_scaling", _MISSING)
         # GradScaler.step(opt) then hands the scale over as opt.grad_scale, which step() refuses
         optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]
@@ -220,13 +228,15 @@ class OverlapHandle:
             raise RuntimeError(
                 "overlap_backward does not support DistributedDataParallel: DDP averages the "
                 "gradients across ranks after they are accumulated, so these hooks would see each "
-                "rank's local gradient. Use the ordinary opt.step() with DDP.")
+                "rank's local gradient. Use the ordinary opt.step() with DDP."
+            )
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise RuntimeError(
                 "overlap_backward does not support multi-process training (torch.distributed is "
                 f"initialised with world size {dist.get_world_size()}): DDP / FSDP reduce the "
-                "gradients after the post-accumulate-grad hooks run. Use the ordinary opt.step().")
+                "gradients after the post-accumulate-grad hooks run. Use the ordinary opt.step()."
+            )
 
     # -- hooks -------------------------------------------------------------------------------
     def _where(self, p: torch.Tensor) -> tuple[int, int]:
@@ -238,8 +248,10 @@ class OverlapHandle:
                 return hit
         self._index = {q: (gi, pi) for gi, g in enumerate(groups) for pi, q in enumerate(g["params"])}
         if p not in self._index:
-            raise RuntimeError("overlap_backward: a hooked parameter is no longer in the optimizer's "
-                               "param_groups; call handle.remove()")
+            raise RuntimeError(
+                "overlap_backward: a hooked parameter is no longer in the optimizer's "
+                "param_groups; call handle.remove()"
+            )
         return self._index[p]
 
     def _cache(self, p: torch.Tensor) -> StepCache:
@@ -252,14 +264,27 @@ class OverlapHandle:
         """The plan of tensor ``p`` alone (one segment), checked like ``build_plan`` checks."""
         gi, pi = self._where(p)
         group = self._opt.param_groups[gi]
-        if (g.layout != torch.strided or torch.is_complex(p) or torch.is_complex(g)
-                or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape or g.dtype != p.dtype
-                or g.device != p.device):
+        if (
+            g.layout != torch.strided
+            or torch.is_complex(p)
+            or torch.is_complex(g)
+            or p.dtype not in SUPPORTED_DTYPES
+            or g.shape != p.shape
+            or g.dtype != p.dtype
+            or g.device != p.device
+        ):
             _reject(self._opt._owner, f"param_groups[{gi}]['params'][{pi}] ({describe(p)})", p, g)
         plan = StepPlan(groups=self._opt.param_groups, cache=self._cache(p))
-        plan.segments.append(Segment(0, f"param_groups[{gi}]['params'][{pi}]"
-                                     if group["granularity"] == "tensor" else f"param_groups[{gi}]",
-                                     group, p.device, 0, 1))
+        plan.segments.append(
+            Segment(
+                0,
+                f"param_groups[{gi}]['params'][{pi}]" if group["granularity"] == "tensor" else f"param_groups[{gi}]",
+                group,
+                p.device,
+                0,
+                1,
+            )
+        )
         plan.params.append(p)
         plan.grads.append(g)
         plan.group_index.append(gi)
@@ -278,7 +303,8 @@ class OverlapHandle:
                 "after its gradient was already used for this step (mode "
                 f"{self.mode!r}), without opt.step() in between. For gradient accumulation run "
                 "every micro-batch's backward except the last inside `with handle.accumulate():`. "
-                "(If you zeroed the gradients in place to discard them, use opt.zero_grad().)")
+                "(If you zeroed the gradients in place to discard them, use opt.zero_grad().)"
+            )
 
     def _hook(self, p: torch.Tensor) -> None:
         if self._accumulating:
@@ -295,12 +321,10 @@ class OverlapHandle:
 
     def _backend(self, plan: StepPlan):
         engine = self._opt._engine
-        key = (engine.backend, os.environ.get(_backends.ENV_VAR), plan.params[0].device,
-               plan.params[0].dtype)
+        key = (engine.backend, os.environ.get(_backends.ENV_VAR), plan.params[0].device, plan.params[0].dtype)
         b = self._backend_cache.get(key)
         if b is None:
-            b = self._backend_cache[key] = _backends.resolve(engine.backend, plan,
-                                                             fused_only=engine.fused)
+            b = self._backend_cache[key] = _backends.resolve(engine.backend, plan, fused_only=engine.fused)
         return b
 
     def _stats_one(self, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -324,23 +348,31 @@ class OverlapHandle:
                     f"overlap_backward(mode='stats'): backend {backend.name!r} cannot use statistics "
                     "taken during backward (its statistics stage also prepares its apply stage); "
                     "step() takes them itself, so the step is exact but not overlapped. Use "
-                    f"backend='cpu', 'cuda' or 'torch' for the overlap.", RuntimeWarning, stacklevel=2)
+                    f"backend='cpu', 'cuda' or 'torch' for the overlap.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return
-        if backend.same_layout:   # its input_reasons for a statistics-only plan, inline
+        if backend.same_layout:  # its input_reasons for a statistics-only plan, inline
             st_ = p.stride()
-            if (g.numel() > 1 and g.stride() != st_) or (ref is not None and ref.numel() > 1
-                                                          and ref.stride() != st_):
+            if (g.numel() > 1 and g.stride() != st_) or (ref is not None and ref.numel() > 1 and ref.stride() != st_):
                 return  # step() takes these statistics itself (and says why if it cannot)
         values = backend.stats(plan).values
         want_pp = group["mag_mode"] == "param"
-        self._stats[p] = _Stats(backend.name, values, _key(g), _key(ref), ref is None,
-                                _key(p) if want_pp else None,
-                                (group["reference"], want_pp))
+        self._stats[p] = _Stats(
+            backend.name,
+            values,
+            _key(g),
+            _key(ref),
+            ref is None,
+            _key(p) if want_pp else None,
+            (group["reference"], want_pp),
+        )
 
     def _step_one(self, p: torch.Tensor, g: torch.Tensor) -> None:
         """Mode "step": the whole SGG step of this tensor, then its gradient is freed."""
         opt = self._opt
-        if not self._used:   # the first hook of this step: settings cannot change during backward
+        if not self._used:  # the first hook of this step: settings cannot change during backward
             opt._check_settings(opt.param_groups)
         plan = self._one_plan(p, g)
         opt._check_state(plan)
@@ -360,7 +392,8 @@ class OverlapHandle:
                 "gradients as backward leaves them (scaled). Remove the GradScaler (bf16 autocast "
                 "needs none) or call handle.remove() and step the ordinary way. In mode 'step' the "
                 "hooks of this backward have already applied one scaled update: restart from a "
-                "checkpoint.")
+                "checkpoint."
+            )
 
     def partials(self, plan: StepPlan, backend) -> Partials | None:
         """Mode "stats": the step's statistics from the rows taken in backward (tensors whose rows
@@ -378,11 +411,10 @@ class OverlapHandle:
                 ref = plan.refs[i]
                 if e.fresh_ref:
                     name = "exp_avg" if plan.ref_mode(i) == REF_MOMENTUM else "ref"
-                    ref_ok = name not in (state.get(p) or {})   # the step made a zero reference
+                    ref_ok = name not in (state.get(p) or {})  # the step made a zero reference
                 else:
                     ref_ok = _same(e.ref, ref)
-                ok = (ref_ok and e.settings == (group["reference"], want_pp)
-                      and (not want_pp or _same(e.param, p)))
+                ok = ref_ok and e.settings == (group["reference"], want_pp) and (not want_pp or _same(e.param, p))
             rows.append(e.values if ok and e is not None else None)
         if all(r is None for r in rows):
             return None
@@ -415,7 +447,7 @@ class OverlapHandle:
             if plan is not None and plan.params and out is not None:
                 for s, seg in enumerate(plan.segments):
                     i = seg.start
-                    rows.append(((plan.group_index[i], plan.param_index[i]), out[s:s + 1], seg.label))
+                    rows.append(((plan.group_index[i], plan.param_index[i]), out[s : s + 1], seg.label))
             rows.sort(key=lambda r: r[0])
             home = rows[0][1].device
             engine.last_out = torch.cat([r[1].to(home) for r in rows])
@@ -429,8 +461,9 @@ class OverlapHandle:
 _MISSING = object()
 
 
-def overlap_backward(model_or_params: torch.nn.Module | Iterable[torch.Tensor], optimizer,
-                     mode: str = "auto") -> OverlapHandle:
+def overlap_backward(
+    model_or_params: torch.nn.Module | Iterable[torch.Tensor], optimizer, mode: str = "auto"
+) -> OverlapHandle:
     """Run (part of) ``optimizer``'s SGG step inside backward; see :mod:`sgg_fast.overlap`.
 
     ``model_or_params``: the model (its parameters that ``optimizer`` trains get hooks) or the

@@ -28,19 +28,33 @@ REF_MOMENTUM, REF_EMA, REF_SOURCE = range(3)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-__all__ = ["Segment", "StepCache", "StepPlan", "build_plan", "memo", "describe", "REFERENCES", "GRANULARITIES",
-           "MAG_MODES", "NONFINITE", "SEGMENT_KEYS", "REF_MOMENTUM", "REF_EMA", "REF_SOURCE",
-           "SUPPORTED_DTYPES"]
+__all__ = [
+    "Segment",
+    "StepCache",
+    "StepPlan",
+    "build_plan",
+    "memo",
+    "describe",
+    "REFERENCES",
+    "GRANULARITIES",
+    "MAG_MODES",
+    "NONFINITE",
+    "SEGMENT_KEYS",
+    "REF_MOMENTUM",
+    "REF_EMA",
+    "REF_SOURCE",
+    "SUPPORTED_DTYPES",
+]
 
 
 @dataclass
 class Segment:
     index: int
-    label: str                  # human-readable, used in error messages
-    group: dict                 # the param_group whose guidance settings the segment uses
+    label: str  # human-readable, used in error messages
+    group: dict  # the param_group whose guidance settings the segment uses
     device: torch.device
-    start: int                  # first tensor of the segment in the plan's lists
-    stop: int                   # one past the last
+    start: int  # first tensor of the segment in the plan's lists
+    stop: int  # one past the last
 
 
 @dataclass
@@ -79,24 +93,24 @@ class StepPlan:
 
     params: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
-    group_index: list[int] = field(default_factory=list)      # param_group of each tensor
-    param_index: list[int] = field(default_factory=list)      # position in its group's params
-    seg_of_param: list[int] = field(default_factory=list)     # segment of each tensor
+    group_index: list[int] = field(default_factory=list)  # param_group of each tensor
+    param_index: list[int] = field(default_factory=list)  # position in its group's params
+    seg_of_param: list[int] = field(default_factory=list)  # segment of each tensor
     segments: list[Segment] = field(default_factory=list)
-    groups: list[dict] = field(default_factory=list)          # the settings of each param_group
+    groups: list[dict] = field(default_factory=list)  # the settings of each param_group
     # attached by the engine once the state exists
     exp_avgs: list[torch.Tensor] = field(default_factory=list)
     exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
     #: ``state["max_exp_avg_sq"]`` where the tensor's group has amsgrad=True, else None
     max_exp_avg_sqs: list[torch.Tensor | None] = field(default_factory=list)
-    refs: list[torch.Tensor | None] = field(default_factory=list)   # r per tensor (None: r = 0)
+    refs: list[torch.Tensor | None] = field(default_factory=list)  # r per tensor (None: r = 0)
     steps: list[torch.Tensor] = field(default_factory=list)
     #: per segment: float32 ``[2]`` = (ν, initialised) on ``home``; finalize reads it and writes
     #: the new value back in place (relative segments, unskipped steps only)
     seg_nus: list[torch.Tensor] = field(default_factory=list)
     #: True for GradientGuidance (the guided gradient replaces .grad; see guidance.hyper_row)
     rewrite_grad: bool = False
-    cache: StepCache = field(default_factory=StepCache)       # lives across steps (the engine's)
+    cache: StepCache = field(default_factory=StepCache)  # lives across steps (the engine's)
 
     @property
     def labels(self) -> list[str]:
@@ -133,8 +147,7 @@ class StepPlan:
     def hyper(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[S, len(HYPER_COLS)]`` guidance hyper-parameters on the home device (cached while
         unchanged: an upload only when a setting changed)."""
-        rows = tuple(tuple(guidance.hyper_row(s.group, rewrite_grad=self.rewrite_grad))
-                     for s in self.segments)
+        rows = tuple(tuple(guidance.hyper_row(s.group, rewrite_grad=self.rewrite_grad)) for s in self.segments)
         key = (rows, self.home, dtype)
         hit = self.cache.hyper
         if hit is not None and hit[0] == key:
@@ -156,29 +169,30 @@ def _reject(owner: str, where: str, p: torch.Tensor, g: torch.Tensor) -> None:
     if g.is_sparse or g.layout != torch.strided:
         raise RuntimeError(
             f"{owner} does not support sparse gradients: {where} has a {g.layout} gradient. "
-            "Use torch.optim.SparseAdam for sparse embeddings, or nn.Embedding(sparse=False).")
+            "Use torch.optim.SparseAdam for sparse embeddings, or nn.Embedding(sparse=False)."
+        )
     if torch.is_complex(p) or torch.is_complex(g):
         raise RuntimeError(
-            f"{owner} does not support complex parameters: {where}. "
-            "Optimize torch.view_as_real(param) instead.")
+            f"{owner} does not support complex parameters: {where}. Optimize torch.view_as_real(param) instead."
+        )
     if p.dtype not in SUPPORTED_DTYPES:
-        raise RuntimeError(
-            f"{owner} supports float32, bfloat16, float16 and float64 parameters; {where} is not.")
+        raise RuntimeError(f"{owner} supports float32, bfloat16, float16 and float64 parameters; {where} is not.")
     raise RuntimeError(
         f"{owner}: the gradient of {where} has shape {tuple(g.shape)}, {g.dtype}, {g.device}; "
-        "it must match its parameter's shape, dtype and device.")
+        "it must match its parameter's shape, dtype and device."
+    )
 
 
-def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
-               cache: StepCache | None = None, rewrite_grad: bool = False) -> StepPlan:
+def build_plan(
+    param_groups: list[dict], owner: str = "SGGAdamW", cache: StepCache | None = None, rewrite_grad: bool = False
+) -> StepPlan:
     """Collect the tensors with a gradient into segments and check them.
 
     Raises ``RuntimeError`` / ``ValueError`` with what is wrong and what to do for sparse or
     complex gradients, unsupported dtypes and a segment spanning devices (the settings were
     checked by :mod:`sgg_fast.validation`). Parameters whose ``.grad`` is None take no part.
     """
-    plan = StepPlan(groups=param_groups, cache=cache if cache is not None else StepCache(),
-                    rewrite_grad=rewrite_grad)
+    plan = StepPlan(groups=param_groups, cache=cache if cache is not None else StepCache(), rewrite_grad=rewrite_grad)
     global_seg: Segment | None = None
     global_members: list[tuple[int, int, torch.Tensor]] = []
     pending: list[tuple[str, dict, list[tuple[int, int, torch.Tensor]]]] = []
@@ -189,9 +203,15 @@ def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
             g = p.grad
             if g is None:
                 continue
-            if (g.layout != torch.strided or torch.is_complex(p) or torch.is_complex(g)
-                    or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape or g.dtype != p.dtype
-                    or g.device != p.device):
+            if (
+                g.layout != torch.strided
+                or torch.is_complex(p)
+                or torch.is_complex(g)
+                or p.dtype not in SUPPORTED_DTYPES
+                or g.shape != p.shape
+                or g.dtype != p.dtype
+                or g.device != p.device
+            ):
                 _reject(owner, f"param_groups[{gi}]['params'][{pi}] ({describe(p)})", p, g)
             members.append((gi, pi, p))
         if group["granularity"] == "global":
@@ -213,9 +233,11 @@ def build_plan(param_groups: list[dict], owner: str = "SGGAdamW",
             raise RuntimeError(
                 f"{owner}: {label} holds parameters on several devices ({', '.join(sorted(map(str, devs)))}); "
                 "one segment's statistics are reduced on one device. Put them in separate param_groups "
-                "with granularity='group', or use granularity='tensor'.")
-        seg = Segment(len(plan.segments), label, group, members[0][2].device,
-                      len(plan.params), len(plan.params) + len(members))
+                "with granularity='group', or use granularity='tensor'."
+            )
+        seg = Segment(
+            len(plan.segments), label, group, members[0][2].device, len(plan.params), len(plan.params) + len(members)
+        )
         plan.segments.append(seg)
         for gi, pi, p in members:
             assert p.grad is not None  # members are the parameters with a gradient (above)

@@ -8,9 +8,12 @@ from typing import Any
 import torch
 
 
-def source_gradients(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-                     batches: Iterable[Any], params: Iterable[torch.Tensor] | None = None
-                     ) -> dict[torch.Tensor, torch.Tensor]:
+def source_gradients(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    batches: Iterable[Any],
+    params: Iterable[torch.Tensor] | None = None,
+) -> dict[torch.Tensor, torch.Tensor]:
     """Mean gradient of ``loss_fn(model, batch)`` over ``batches``, keyed by parameter.
 
     Pass the result to ``opt.set_reference(...)`` for ``reference="source"``: the source-task

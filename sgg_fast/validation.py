@@ -21,9 +21,17 @@ NONFINITE = ("skip", "raise")
 
 #: guidance settings, with their defaults (every one may be set per param_group)
 GUIDANCE_DEFAULTS: dict[str, Any] = dict(
-    lambda_dir=0.2, lambda_mag=1.0, lambda_align=1.0,
-    mag_mode="relative", max_norm=1.0, mag_ratio=2.0, mag_beta=0.9,
-    reference="momentum", ref_beta=0.9, granularity="group", nonfinite="skip",
+    lambda_dir=0.2,
+    lambda_mag=1.0,
+    lambda_align=1.0,
+    mag_mode="relative",
+    max_norm=1.0,
+    mag_ratio=2.0,
+    mag_beta=0.9,
+    reference="momentum",
+    ref_beta=0.9,
+    granularity="group",
+    nonfinite="skip",
 )
 
 #: settings that must agree between param groups sharing one "global" segment
@@ -40,8 +48,9 @@ def _value(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
-        if value.is_complex() or not (value.is_floating_point() or value.dtype in
-                                      (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        if value.is_complex() or not (
+            value.is_floating_point() or value.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+        ):
             raise ValueError(f"Invalid {name}: a tensor of dtype {value.dtype} (expected a real number)")
         return float(value.detach().reshape(()).to("cpu", torch.float64))
     try:
@@ -50,8 +59,9 @@ def _value(name: str, value: Any) -> float:
         raise ValueError(f"Invalid {name}: {value!r} (expected a number)") from None
 
 
-def check_number(name: str, value: Any, lo: float, hi: float, lo_open: bool = False,
-                 hi_open: bool = False, key: str | None = None) -> None:
+def check_number(
+    name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, key: str | None = None
+) -> None:
     """``value`` (a number or a one-element tensor) is finite and in the interval. ``name`` is
     the wording of the message (torch's, where torch has one), ``key`` the setting's name."""
     key = key or name
@@ -110,8 +120,7 @@ def validate_adamw(group: dict) -> None:
             raise ValueError(f"Tensor betas[{i}] must be 1-element")
         check_number(f"beta parameter at index {i}", b, 0.0, 1.0, hi_open=True, key=f"betas[{i}]")
     check_number("epsilon value", group["eps"], 0.0, _INF, hi_open=True, key="eps")
-    check_number("weight_decay value", group["weight_decay"], 0.0, _INF, hi_open=True,
-                 key="weight_decay")
+    check_number("weight_decay value", group["weight_decay"], 0.0, _INF, hi_open=True, key="weight_decay")
     for k in ("amsgrad", "maximize", "capturable", "differentiable"):
         check_flag(k, group.get(k, False))
     for k in ("foreach", "fused"):
@@ -120,8 +129,10 @@ def validate_adamw(group: dict) -> None:
     # the key torch's AdamW keeps in its groups (Adam's with decoupled_weight_decay=True)
     check_flag("decoupled_weight_decay", group.get("decoupled_weight_decay", True))
     if not group.get("decoupled_weight_decay", True):
-        raise ValueError("SGGAdamW's weight decay is decoupled (AdamW's); decoupled_weight_decay=False, "
-                         "Adam's L2 penalty added to the gradient, is not supported")
+        raise ValueError(
+            "SGGAdamW's weight decay is decoupled (AdamW's); decoupled_weight_decay=False, "
+            "Adam's L2 penalty added to the gradient, is not supported"
+        )
     # torch.optim.AdamW's own restrictions, kept so that code written for it behaves the same
     if group.get("fused") and group.get("differentiable"):
         raise RuntimeError("`fused` does not support `differentiable`")
@@ -149,7 +160,8 @@ def validate_global_groups(groups: list[dict], owner: str) -> None:
                     f"{owner}: param_groups[{first}] and param_groups[{gi}] both use "
                     f"granularity='global' but differ in {k!r} ({groups[first].get(k)!r} vs "
                     f"{g.get(k)!r}); one global segment has one setting. Make them equal or use "
-                    "granularity='group'.")
+                    "granularity='group'."
+                )
 
 
 def settings_key(group: dict) -> tuple:
@@ -168,8 +180,9 @@ def settings_key(group: dict) -> tuple:
     return tuple(out)
 
 
-def check_reference_shapes(params: list[torch.Tensor], refs: Any, owner: str
-                           ) -> dict[torch.Tensor, torch.Tensor | None]:
+def check_reference_shapes(
+    params: list[torch.Tensor], refs: Any, owner: str
+) -> dict[torch.Tensor, torch.Tensor | None]:
     """Turn ``set_reference``'s list or dict into {param: tensor or None}, checking every entry
     (shape, real dense, finite) before the caller writes any of them."""
     ids = {id(p): i for i, p in enumerate(params)}
@@ -177,14 +190,18 @@ def check_reference_shapes(params: list[torch.Tensor], refs: Any, owner: str
         items = []
         for key, value in refs.items():
             if not isinstance(key, torch.Tensor) or id(key) not in ids:
-                raise ValueError(f"{owner}.set_reference: a key of the dict is not a parameter of this "
-                                 "optimizer; key the dict by the parameter tensors themselves")
+                raise ValueError(
+                    f"{owner}.set_reference: a key of the dict is not a parameter of this "
+                    "optimizer; key the dict by the parameter tensors themselves"
+                )
             items.append((ids[id(key)], key, value))
     else:
         refs = list(refs)
         if len(refs) != len(params):
-            raise ValueError(f"{owner}.set_reference: got {len(refs)} references for {len(params)} "
-                             "parameters; pass one per parameter, in param_groups order (None for none)")
+            raise ValueError(
+                f"{owner}.set_reference: got {len(refs)} references for {len(params)} "
+                "parameters; pass one per parameter, in param_groups order (None for none)"
+            )
         items = [(i, p, r) for i, (p, r) in enumerate(zip(params, refs))]
     out = {}
     nonfinite = []
@@ -193,24 +210,30 @@ def check_reference_shapes(params: list[torch.Tensor], refs: Any, owner: str
             if not isinstance(r, torch.Tensor):
                 raise ValueError(f"{owner}.set_reference: reference #{i} is a {type(r).__name__}, not a tensor")
             if r.shape != p.shape:
-                raise ValueError(f"{owner}.set_reference: reference #{i} has shape {tuple(r.shape)} but its "
-                                 f"parameter has shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"{owner}.set_reference: reference #{i} has shape {tuple(r.shape)} but its "
+                    f"parameter has shape {tuple(p.shape)}"
+                )
             if torch.is_complex(r) or r.layout != torch.strided or not r.is_floating_point():
-                raise ValueError(f"{owner}.set_reference: reference #{i} must be a dense real floating "
-                                 f"tensor, got {r.dtype} ({r.layout})")
+                raise ValueError(
+                    f"{owner}.set_reference: reference #{i} must be a dense real floating "
+                    f"tensor, got {r.dtype} ({r.layout})"
+                )
             nonfinite.append((i, r))
         out[p] = r
     if nonfinite:
         # one host read for all of them (set_reference is not on the step's path)
         from .distributed import is_dtensor
 
-        flags = torch.stack([(~torch.isfinite(r.to_local() if is_dtensor(r) else r)).any().cpu()
-                             for _, r in nonfinite]).tolist()
+        flags = torch.stack(
+            [(~torch.isfinite(r.to_local() if is_dtensor(r) else r)).any().cpu() for _, r in nonfinite]
+        ).tolist()
         bad = [i for (i, _), f in zip(nonfinite, flags) if f]
         if bad:
             raise ValueError(
                 f"{owner}.set_reference: reference #{bad[0]} contains inf or NaN"
                 + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
                 + "; every later step would be skipped. Pass finite references (e.g. recompute the "
-                  "source gradients with a smaller loss scale).")
+                "source gradients with a smaller loss scale)."
+            )
     return out

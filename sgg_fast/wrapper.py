@@ -48,23 +48,28 @@ class GradientGuidance(GuidedOptimizerMixin, Optimizer):
 
     _owner = "GradientGuidance"
 
-    def __init__(self, optimizer: Optimizer, backend: str = "auto", process_group=None,
-                 **guidance_kwargs: Any):
+    def __init__(self, optimizer: Optimizer, backend: str = "auto", process_group=None, **guidance_kwargs: Any):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"GradientGuidance wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         unknown = set(guidance_kwargs) - set(GUIDANCE_DEFAULTS)
         if unknown:
-            raise TypeError(f"GradientGuidance got unknown settings {sorted(unknown)}; "
-                            f"known: {sorted(GUIDANCE_DEFAULTS)}")
+            raise TypeError(
+                f"GradientGuidance got unknown settings {sorted(unknown)}; known: {sorted(GUIDANCE_DEFAULTS)}"
+            )
         settings = {**GUIDANCE_DEFAULTS, **guidance_kwargs}
         validate_guidance(settings)
         self.optimizer = optimizer
         self.settings = settings
         self._check_settings([self._merged(g) for g in optimizer.param_groups])
-        if settings["reference"] == "momentum" and isinstance(optimizer, torch.optim.SGD) and \
-                all(g.get("momentum", 0) == 0 for g in optimizer.param_groups):
-            raise ValueError("GradientGuidance(reference='momentum') needs a momentum buffer, but this SGD "
-                             "has momentum=0; give SGD momentum>0 or use reference='ema' or 'source'.")
+        if (
+            settings["reference"] == "momentum"
+            and isinstance(optimizer, torch.optim.SGD)
+            and all(g.get("momentum", 0) == 0 for g in optimizer.param_groups)
+        ):
+            raise ValueError(
+                "GradientGuidance(reference='momentum') needs a momentum buffer, but this SGD "
+                "has momentum=0; give SGD momentum>0 or use reference='ema' or 'source'."
+            )
         # Optimizer bookkeeping without re-adding (copying) the wrapped optimizer's groups
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -106,8 +111,12 @@ class GradientGuidance(GuidedOptimizerMixin, Optimizer):
     def set_reference(self, refs) -> None:
         """As :meth:`SGGAdamW.set_reference`; stored in ``guide_state[p]["ref"]``."""
         checked = check_reference_shapes(self._all_params(), refs, "GradientGuidance")
-        new = {p: (torch.zeros_like(p, memory_format=torch.preserve_format) if r is None else
-                   _distributed.like_param(r, p)) for p, r in checked.items()}
+        new = {
+            p: (
+                torch.zeros_like(p, memory_format=torch.preserve_format) if r is None else _distributed.like_param(r, p)
+            )
+            for p, r in checked.items()
+        }
         for p, r in new.items():
             self.guide_state[p]["ref"] = r
 
@@ -120,7 +129,8 @@ class GradientGuidance(GuidedOptimizerMixin, Optimizer):
         if any(isinstance(v, torch.Tensor) and v.shape == p.shape for v in st.values()):
             raise RuntimeError(
                 f"GradientGuidance(reference='momentum'): {type(self.optimizer).__name__} keeps no "
-                f"'exp_avg' or 'momentum_buffer' for {label}; use reference='ema' or 'source'.")
+                f"'exp_avg' or 'momentum_buffer' for {label}; use reference='ema' or 'source'."
+            )
         return None  # not stepped yet: r = 0, as for SGGAdamW's first step
 
     def _prepare(self) -> StepPlan:
@@ -131,14 +141,19 @@ class GradientGuidance(GuidedOptimizerMixin, Optimizer):
             if plan.ref_mode(i) == REF_SOURCE and "ref" not in self.guide_state.get(p, {}):
                 raise RuntimeError(
                     f"GradientGuidance: {plan.label(i)} uses reference='source' but no reference was "
-                    "set; call set_reference(...) before step().")
+                    "set; call set_reference(...) before step()."
+                )
             ref = self.guide_state.get(p, {}).get("ref")
             if ref is not None and (ref.shape != p.shape or ref.device != p.device):
-                raise RuntimeError(f"GradientGuidance: the reference of {plan.label(i)} has shape "
-                                   f"{tuple(ref.shape)} on {ref.device}, its parameter {tuple(p.shape)} on "
-                                   f"{p.device}; call set_reference again with matching tensors.")
-        moms = [self._momentum(p, plan.label(i)) if plan.ref_mode(i) == REF_MOMENTUM else None
-                for i, p in enumerate(plan.params)]
+                raise RuntimeError(
+                    f"GradientGuidance: the reference of {plan.label(i)} has shape "
+                    f"{tuple(ref.shape)} on {ref.device}, its parameter {tuple(p.shape)} on "
+                    f"{p.device}; call set_reference again with matching tensors."
+                )
+        moms = [
+            self._momentum(p, plan.label(i)) if plan.ref_mode(i) == REF_MOMENTUM else None
+            for i, p in enumerate(plan.params)
+        ]
         for i, p in enumerate(plan.params):
             st = self.guide_state[p]
             mode = plan.ref_mode(i)
@@ -203,8 +218,10 @@ class GradientGuidance(GuidedOptimizerMixin, Optimizer):
         if guide:
             for i, st in guide["state"].items():
                 if not 0 <= int(i) < len(params):
-                    raise ValueError(f"GradientGuidance.load_state_dict: guidance state for parameter "
-                                     f"{i}, but this optimizer has {len(params)} parameters")
+                    raise ValueError(
+                        f"GradientGuidance.load_state_dict: guidance state for parameter "
+                        f"{i}, but this optimizer has {len(params)} parameters"
+                    )
                 p = params[int(i)]
                 entry = {}
                 for k, v in st.items():
@@ -214,8 +231,10 @@ class GradientGuidance(GuidedOptimizerMixin, Optimizer):
                             entry[k] = nu
                     else:
                         if v.shape != p.shape:
-                            raise ValueError(f"GradientGuidance.load_state_dict: guidance {k!r} of parameter "
-                                             f"{i} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}")
+                            raise ValueError(
+                                f"GradientGuidance.load_state_dict: guidance {k!r} of parameter "
+                                f"{i} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}"
+                            )
                         entry[k] = v.detach().to(device=p.device, dtype=p.dtype, copy=True)
                 new_state[p] = entry
             for k, v in guide.get("segments", {}).items():

@@ -23,14 +23,15 @@ struct StatsTask {
 // AdamW on u = alpha·g + beta·r for one tensor (DESIGN §1 D), all scalars precomputed on the
 // host in double and rounded once to float: decay = 1 - lr·wd, step_size = lr / (1 - β1^t),
 // bc2_sqrt = √(1 - β2^t). vmax (amsgrad): vmax ← max(vmax, v), and the denominator uses vmax
-// instead of v (torch.optim.AdamW(amsgrad=True)). ref_mode: REF_MOMENTUM (r = m before the step, `r` unused),
-// REF_EMA (r is updated to ref_beta·r + (1 - ref_beta)·g with the raw g), REF_SOURCE (read).
+// instead of v (torch.optim.AdamW(amsgrad=True)). ref_mode: REF_MOMENTUM (r = m before the step,
+// `r` unused), REF_EMA (r is updated to ref_beta·r + (1 - ref_beta)·g with the raw g), REF_SOURCE
+// (read).
 struct ApplyTask {
   void* p;
   const void* g;
   void* m;
   void* v;
-  void* r;  // nullptr for REF_MOMENTUM
+  void* r;     // nullptr for REF_MOMENTUM
   void* vmax;  // amsgrad's running max of v (max_exp_avg_sq); nullptr: amsgrad off
   int64_t numel;
   DType dtype;

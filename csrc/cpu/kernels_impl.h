@@ -9,14 +9,14 @@
 // One pass over memory per kernel; the guided gradient u never leaves registers.
 #pragma once
 
-#include <algorithm>
-#include <cstdint>
-#include <tuple>
-
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
 
 #include "../sgg_common.h"
 #include "kernels.h"
@@ -191,9 +191,12 @@ void stats_dt(const StatsTask& t, int64_t begin, int64_t end, float* out) {
 
 void stats(const StatsTask& t, int64_t begin, int64_t end, float* out) {
   switch (t.dtype) {
-    case DT_F32: return stats_dt<float>(t, begin, end, out);
-    case DT_BF16: return stats_dt<c10::BFloat16>(t, begin, end, out);
-    case DT_F16: return stats_dt<c10::Half>(t, begin, end, out);
+    case DT_F32:
+      return stats_dt<float>(t, begin, end, out);
+    case DT_BF16:
+      return stats_dt<c10::BFloat16>(t, begin, end, out);
+    case DT_F16:
+      return stats_dt<c10::Half>(t, begin, end, out);
   }
 }
 
@@ -201,9 +204,18 @@ void stats(const StatsTask& t, int64_t begin, int64_t end, float* out) {
 struct ApplyVecs {
   Vec alpha, beta, decay, step_size, bc2_sqrt, eps, b1, omb1, b2, omb2, rbeta, omrb;
   explicit ApplyVecs(const ApplyTask& t)
-      : alpha(t.alpha), beta(t.beta), decay(t.decay), step_size(t.step_size),
-        bc2_sqrt(t.bc2_sqrt), eps(t.eps), b1(t.beta1), omb1(t.one_minus_beta1), b2(t.beta2),
-        omb2(t.one_minus_beta2), rbeta(t.ref_beta), omrb(t.one_minus_ref_beta) {}
+      : alpha(t.alpha),
+        beta(t.beta),
+        decay(t.decay),
+        step_size(t.step_size),
+        bc2_sqrt(t.bc2_sqrt),
+        eps(t.eps),
+        b1(t.beta1),
+        omb1(t.one_minus_beta1),
+        b2(t.beta2),
+        omb2(t.one_minus_beta2),
+        rbeta(t.ref_beta),
+        omrb(t.one_minus_ref_beta) {}
 };
 
 // One 2·W block of elements, in registers:
@@ -273,9 +285,12 @@ void apply_t(const ApplyTask& t, int64_t begin, int64_t end) {
 template <typename T, bool AMS>
 void apply_mode(const ApplyTask& t, int64_t begin, int64_t end) {
   switch (t.ref_mode) {
-    case REF_MOMENTUM: return apply_t<T, REF_MOMENTUM, AMS>(t, begin, end);
-    case REF_EMA: return apply_t<T, REF_EMA, AMS>(t, begin, end);
-    default: return apply_t<T, REF_SOURCE, AMS>(t, begin, end);
+    case REF_MOMENTUM:
+      return apply_t<T, REF_MOMENTUM, AMS>(t, begin, end);
+    case REF_EMA:
+      return apply_t<T, REF_EMA, AMS>(t, begin, end);
+    default:
+      return apply_t<T, REF_SOURCE, AMS>(t, begin, end);
   }
 }
 
@@ -287,9 +302,12 @@ void apply_dt(const ApplyTask& t, int64_t begin, int64_t end) {
 
 void apply(const ApplyTask& t, int64_t begin, int64_t end) {
   switch (t.dtype) {
-    case DT_F32: return apply_dt<float>(t, begin, end);
-    case DT_BF16: return apply_dt<c10::BFloat16>(t, begin, end);
-    case DT_F16: return apply_dt<c10::Half>(t, begin, end);
+    case DT_F32:
+      return apply_dt<float>(t, begin, end);
+    case DT_BF16:
+      return apply_dt<c10::BFloat16>(t, begin, end);
+    case DT_F16:
+      return apply_dt<c10::Half>(t, begin, end);
   }
 }
 
@@ -335,17 +353,19 @@ void guide_dt(const GuideTask& t, int64_t begin, int64_t end) {
 
 void guide(const GuideTask& t, int64_t begin, int64_t end) {
   switch (t.dtype) {
-    case DT_F32: return guide_dt<float>(t, begin, end);
-    case DT_BF16: return guide_dt<c10::BFloat16>(t, begin, end);
-    case DT_F16: return guide_dt<c10::Half>(t, begin, end);
+    case DT_F32:
+      return guide_dt<float>(t, begin, end);
+    case DT_BF16:
+      return guide_dt<c10::BFloat16>(t, begin, end);
+    case DT_F16:
+      return guide_dt<c10::Half>(t, begin, end);
   }
 }
 
 }  // namespace SGG_ISA_NAME
 
 Kernels SGG_CAT(kernels_, SGG_ISA_NAME)() {
-  return Kernels{&SGG_ISA_NAME::stats, &SGG_ISA_NAME::apply, &SGG_ISA_NAME::guide,
-                 SGG_ISA_STRING};
+  return Kernels{&SGG_ISA_NAME::stats, &SGG_ISA_NAME::apply, &SGG_ISA_NAME::guide, SGG_ISA_STRING};
 }
 
 }  // namespace cpu

@@ -25,7 +25,8 @@
 // With torch's OpenMP backend at::parallel_for is a header template around `#pragma omp
 // parallel`: compiled without OpenMP it silently runs every loop on one thread.
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
-#error "torch uses OpenMP (AT_PARALLEL_OPENMP): compile csrc/cpu with -fopenmp (sgg_fast/_build.py openmp_flags)"
+#error \
+    "torch uses OpenMP (AT_PARALLEL_OPENMP): compile csrc/cpu with -fopenmp (sgg_fast/_build.py openmp_flags)"
 #endif
 
 namespace sgg_fast {
@@ -39,9 +40,12 @@ constexpr int64_t kApplyChunk = 1 << 15;
 
 DType to_dtype(c10::ScalarType t) {
   switch (t) {
-    case at::kFloat: return DT_F32;
-    case at::kBFloat16: return DT_BF16;
-    default: return DT_F16;
+    case at::kFloat:
+      return DT_F32;
+    case at::kBFloat16:
+      return DT_BF16;
+    default:
+      return DT_F16;
   }
 }
 
@@ -54,8 +58,8 @@ Kernels choose_kernels() {
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq");
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   Kernels k2 = kernels_avx2(), k512 = kernels_avx512();
   if (want.empty()) want = has_avx512 ? "avx512" : has_avx2 ? "avx2" : "default";
   if (want == "avx512" && has_avx512 && k512.stats) return k512;
@@ -143,10 +147,10 @@ std::vector<int64_t> read_offsets(const at::Tensor& partials, const at::Tensor& 
               "partials must have shape [C, 4] (gg, rr, gr, pp per chunk), got ", partials.sizes());
   TORCH_CHECK(partials.scalar_type() == at::kFloat || partials.scalar_type() == at::kDouble,
               "partials must be float32 or float64, got ", dtype_name(partials.scalar_type()));
-  TORCH_CHECK(seg_offsets.dim() == 1 && seg_offsets.size(0) >= 1 &&
-                  seg_offsets.scalar_type() == at::kLong,
-              "seg_offsets must be a 1-D int64 tensor [S + 1], got ", seg_offsets.sizes(), " ",
-              dtype_name(seg_offsets.scalar_type()));
+  TORCH_CHECK(
+      seg_offsets.dim() == 1 && seg_offsets.size(0) >= 1 && seg_offsets.scalar_type() == at::kLong,
+      "seg_offsets must be a 1-D int64 tensor [S + 1], got ", seg_offsets.sizes(), " ",
+      dtype_name(seg_offsets.scalar_type()));
   TORCH_CHECK(seg_offsets.device().is_cpu() && partials.device().is_cpu(),
               "partials and seg_offsets must be on the CPU here");
   at::Tensor so = seg_offsets.contiguous();
@@ -189,8 +193,8 @@ at::Tensor segment_sum_cpu(const at::Tensor& partials, const at::Tensor& seg_off
 // place. The math is finalize_row (sgg_common.h), mirrored by guidance.finalize and the Triton
 // _finalize_kernel (kernels/stats.py).
 template <typename T>
-void finalize_t(const at::Tensor& partials, const std::vector<int64_t>& off, const at::Tensor& hyper,
-                const std::vector<float*>& nus, at::Tensor& out) {
+void finalize_t(const at::Tensor& partials, const std::vector<int64_t>& off,
+                const at::Tensor& hyper, const std::vector<float*>& nus, at::Tensor& out) {
   const int64_t S = static_cast<int64_t>(off.size()) - 1;
   std::vector<T> sums(S * NUM_STATS);
   segment_sums<T>(partials, off, sums.data());
@@ -201,7 +205,8 @@ void finalize_t(const at::Tensor& partials, const std::vector<int64_t>& off, con
     for (int k = 0; k < NUM_NU; ++k) old[s * NUM_NU + k] = static_cast<T>(nus[s][k]);
   bool skip = false;
   for (int64_t s = 0; s < S; ++s)
-    skip |= finalize_row<T>(&sums[s * NUM_STATS], h + s * NUM_HYPER, &old[s * NUM_NU], o + s * NUM_OUT);
+    skip |=
+        finalize_row<T>(&sums[s * NUM_STATS], h + s * NUM_HYPER, &old[s * NUM_NU], o + s * NUM_OUT);
   for (int64_t s = 0; s < S; ++s) {  // global skip: ν unchanged, the flag in every row
     T* row = o + s * NUM_OUT;
     if (skip) {
@@ -222,15 +227,19 @@ at::Tensor finalize_cpu(const at::Tensor& partials, const at::Tensor& seg_offset
   TORCH_CHECK(hyper.dim() == 2 && hyper.size(0) == S && hyper.size(1) == NUM_HYPER,
               "hyper must have shape [S, ", NUM_HYPER, "] = [", S, ", ", NUM_HYPER,
               "] (guidance.HYPER_COLS), got ", hyper.sizes());
-  TORCH_CHECK(static_cast<int64_t>(nu.size()) == S, "nu must hold one (norm_ema, initialised) tensor per segment (",
-              S, "), got ", nu.size());
+  TORCH_CHECK(static_cast<int64_t>(nu.size()) == S,
+              "nu must hold one (norm_ema, initialised) tensor per segment (", S, "), got ",
+              nu.size());
   TORCH_CHECK(hyper.device().is_cpu(), "hyper must be on the CPU here, got ", hyper.device());
   std::vector<float*> nus(S);
   for (int64_t s = 0; s < S; ++s) {
     const at::Tensor& t = nu[s];
-    TORCH_CHECK(t.numel() == NUM_NU && t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
-                "nu[", s, "] must be a contiguous float32 CPU tensor of 2 elements (norm_ema, initialised), got ",
-                t.sizes(), " ", dtype_name(t.scalar_type()), " on ", t.device());
+    TORCH_CHECK(
+        t.numel() == NUM_NU && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+            t.device().is_cpu(),
+        "nu[", s,
+        "] must be a contiguous float32 CPU tensor of 2 elements (norm_ema, initialised), got ",
+        t.sizes(), " ", dtype_name(t.scalar_type()), " on ", t.device());
     nus[s] = t.data_ptr<float>();
   }
   const auto dt = partials.scalar_type();
@@ -251,10 +260,11 @@ struct OutView {
 };
 
 OutView check_out(const at::Tensor& out) {
-  TORCH_CHECK(out.dim() == 2 && out.size(1) == NUM_OUT && out.scalar_type() == at::kFloat &&
-                  out.is_contiguous() && out.device().is_cpu(),
-              "out must be the contiguous float32 [S, 13] CPU tensor returned by sgg_finalize, got ",
-              out.sizes(), " ", dtype_name(out.scalar_type()), " on ", out.device());
+  TORCH_CHECK(
+      out.dim() == 2 && out.size(1) == NUM_OUT && out.scalar_type() == at::kFloat &&
+          out.is_contiguous() && out.device().is_cpu(),
+      "out must be the contiguous float32 [S, 13] CPU tensor returned by sgg_finalize, got ",
+      out.sizes(), " ", dtype_name(out.scalar_type()), " on ", out.device());
   const float* d = out.const_data_ptr<float>();
   const int64_t S = out.size(0);
   return OutView{d, S, S > 0 && d[O_SKIP] != 0.f};
@@ -262,15 +272,13 @@ OutView check_out(const at::Tensor& out) {
 
 // ---- sgg_adamw_apply -----------------------------------------------------------------------
 void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList steps,
-                     at::TensorList refs, const at::Tensor& out,
-                     at::IntArrayRef seg_index, at::ArrayRef<double> lr,
+                     at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList refs,
+                     const at::Tensor& out, at::IntArrayRef seg_index, at::ArrayRef<double> lr,
                      at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
                      at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
                      at::ArrayRef<double> ref_beta, at::IntArrayRef ref_mode,
                      const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                     at::TensorList max_exp_avg_sqs,
-                     const std::optional<at::Tensor>& /*ws*/,
+                     at::TensorList max_exp_avg_sqs, const std::optional<at::Tensor>& /*ws*/,
                      const std::optional<at::Tensor>& /*ws_host*/) {
   const int64_t P = params.size();
   check_apply_lengths(P, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), steps.size(),
@@ -280,7 +288,8 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const int64_t n_vmax = static_cast<int64_t>(max_exp_avg_sqs.size());
   TORCH_CHECK(n_vmax == 0 || n_vmax == P,
               "max_exp_avg_sqs must be empty or have one entry per parameter (a tensor with no "
-              "elements for amsgrad=False), got ", n_vmax, " for ", P, " parameters");
+              "elements for amsgrad=False), got ",
+              n_vmax, " for ", P, " parameters");
   const OutView ov = check_out(out);
 
   // every check first: nothing is written unless all inputs are valid
@@ -301,10 +310,10 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       vmax = max_exp_avg_sqs[i].data_ptr();
     }
     const at::Tensor& st = steps[i];
-    TORCH_CHECK(st.defined() && st.numel() == 1 && st.scalar_type() == at::kFloat &&
-                    st.device().is_cpu(),
-                "steps[", i, "] must be a one-element float32 CPU tensor (state['step']), got ",
-                st.sizes(), " ", dtype_name(st.scalar_type()), " on ", st.device());
+    TORCH_CHECK(
+        st.defined() && st.numel() == 1 && st.scalar_type() == at::kFloat && st.device().is_cpu(),
+        "steps[", i, "] must be a one-element float32 CPU tensor (state['step']), got ", st.sizes(),
+        " ", dtype_name(st.scalar_type()), " on ", st.device());
     check_seg(seg_index, i, ov.S);
     check_ref_mode(ref_mode[i], i);
     const auto r = check_apply_ref(refs[i], ref_mode[i], i, p);
@@ -356,10 +365,9 @@ void adamw_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 // ---- sgg_guide_apply -----------------------------------------------------------------------
-void guide_apply_cpu(at::TensorList grads, at::TensorList refs,
-                     const at::Tensor& out, at::IntArrayRef seg_index,
-                     at::ArrayRef<double> ref_beta, at::IntArrayRef ref_mode,
-                     const std::optional<at::Tensor>& /*ws*/,
+void guide_apply_cpu(at::TensorList grads, at::TensorList refs, const at::Tensor& out,
+                     at::IntArrayRef seg_index, at::ArrayRef<double> ref_beta,
+                     at::IntArrayRef ref_mode, const std::optional<at::Tensor>& /*ws*/,
                      const std::optional<at::Tensor>& /*ws_host*/) {
   const int64_t P = grads.size();
   check_lengths("refs", refs.size(), P, "grads");

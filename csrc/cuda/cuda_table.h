@@ -9,9 +9,9 @@
 // nothing, and a CUDA graph captured after one eager step replays with the same table.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 namespace sgg_fast {
 namespace cuda {
@@ -29,7 +29,7 @@ constexpr int32_t F_ALIGNED = 1;
 constexpr int S_G = 0, S_R = 1, S_P = 2, S_M = 3, S_V = 4, S_STEP = 5;
 
 struct alignas(16) TensorRec {
-  int64_t ptr[6];       // S_* slots; 0 = absent
+  int64_t ptr[6];  // S_* slots; 0 = absent
   int64_t numel;
   int64_t chunk_begin;  // first chunk (block) of this tensor
   int64_t nchunks;      // max(1, ceil(numel / chunk))
@@ -46,25 +46,27 @@ static_assert(sizeof(TensorRec) == kRecWords * 8, "TensorRec must be 16 int64 wo
 // Launchers (kernels.cu). Every one checks its launch with C10_CUDA_KERNEL_LAUNCH_CHECK().
 // recs: device pointer to P records; chunk_tensor: device int32 [C], the tensor of each chunk
 // (block); C: total chunks (grid size).
-void launch_stats(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
-                  float* partials, cudaStream_t stream);
+void launch_stats(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C,
+                  int64_t chunk, float* partials, cudaStream_t stream);
 // partials: [C, 4]; seg_offsets: [S + 1] (device); rows outside [0, C) are ignored.
 template <typename T>
-void launch_segment_sum(const T* partials, const int64_t* seg_offsets, int64_t C, int64_t S, T* sums,
-                        cudaStream_t stream);
+void launch_segment_sum(const T* partials, const int64_t* seg_offsets, int64_t C, int64_t S,
+                        T* sums, cudaStream_t stream);
 // nu: device array of S pointers to each segment's float32 (ν, initialised), updated in place.
 template <typename T>
 void launch_finalize(const T* partials, const int64_t* seg_offsets, int64_t C, const T* hyper,
                      float* const* nu, int64_t S, T* out, cudaStream_t stream);
-void launch_apply(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
-                  const float* out, unsigned long long* counters, cudaStream_t stream);
-void launch_guide(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
-                  const float* out, cudaStream_t stream);
+void launch_apply(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C,
+                  int64_t chunk, const float* out, unsigned long long* counters,
+                  cudaStream_t stream);
+void launch_guide(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C,
+                  int64_t chunk, const float* out, cudaStream_t stream);
 
 // Elements per block of the apply/guide kernels: 256 threads × 64 elements, so that a block's
 // fixed work (one table word, the 128-byte record, thread 0 reads α/β/lr/step and computes the
-// bias corrections in double while the others wait) is amortised over 16 Ki elements (~450 KiB of traffic), and a
-// 10 M-parameter model still has ~600 blocks for an H200's 132 SMs. Untuned (no GPU yet).
+// bias corrections in double while the others wait) is amortised over 16 Ki elements (~450 KiB of
+// traffic), and a 10 M-parameter model still has ~600 blocks for an H200's 132 SMs. Untuned (no GPU
+// yet).
 constexpr int64_t kCudaApplyChunk = 16384;
 constexpr int kThreads = 256;
 

@@ -1,6 +1,7 @@
 // CUDA kernels of the sgg_fast ops: one launch per stage whatever the number of tensors.
 //
-//  stats     grid = total chunks; block c reads its tensor from the chunk → tensor table, sums (gg, rr, gr, pp) over its ≤ chunk elements in fp32 and writes
+//  stats     grid = total chunks; block c reads its tensor from the chunk → tensor table, sums (gg,
+//  rr, gr, pp) over its ≤ chunk elements in fp32 and writes
 //            one row of partials (no atomics: a fixed reduction tree → deterministic).
 //  finalize  one block of 32 warps; groups of warps (all 32 for one segment, one each for 32+
 //            segments) sum each segment's rows in double in a fixed order, the group's first
@@ -18,11 +19,10 @@
 // element by element otherwise. Loads upcast to fp32, math in fp32 (bias corrections in
 // double), one rounding on store. FMA contraction is allowed except in finalize_row, whose
 // products are rounded on their own (sgg_common.h mul_nc) to mirror guidance.finalize bitwise.
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-
-#include <c10/cuda/CUDAException.h>
 
 #include "../sgg_common.h"
 #include "cuda_table.h"
@@ -49,15 +49,21 @@ template <>
 struct Elem<__nv_bfloat16> {
   using Bits = unsigned short;
   static constexpr int N = 8;
-  static __device__ __forceinline__ float up(Bits b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
-  static __device__ __forceinline__ Bits down(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+  static __device__ __forceinline__ float up(Bits b) {
+    return __uint_as_float(static_cast<uint32_t>(b) << 16);
+  }
+  static __device__ __forceinline__ Bits down(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
 };
 template <>
 struct Elem<__half> {
   using Bits = unsigned short;
   static constexpr int N = 8;
   static __device__ __forceinline__ float up(Bits b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ __forceinline__ Bits down(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  static __device__ __forceinline__ Bits down(float v) {
+    return __half_as_ushort(__float2half_rn(v));
+  }
 };
 
 // One element (the unaligned path and the tail of a chunk); RO as for ldv below.
@@ -80,7 +86,8 @@ union Vec {
 };
 template <typename T, bool RO>
 __device__ __forceinline__ void ldv(const void* __restrict__ p, int64_t i, float (&x)[Elem<T>::N]) {
-  const uint4* q = reinterpret_cast<const uint4*>(reinterpret_cast<const typename Elem<T>::Bits*>(p) + i);
+  const uint4* q =
+      reinterpret_cast<const uint4*>(reinterpret_cast<const typename Elem<T>::Bits*>(p) + i);
   Vec<T> v;
   v.u = RO ? __ldg(q) : __ldcg(q);
 #pragma unroll
@@ -98,7 +105,8 @@ __device__ __forceinline__ void stv(void* __restrict__ p, int64_t i, const float
 // starting at i (vector path, when ALIGNED) and then for single elements (n = 1). The
 // vector groups are b, b + N, ... up to the last full group; the rest is the scalar tail.
 template <typename T, typename VecBody, typename OneBody>
-__device__ __forceinline__ void walk(bool aligned, int64_t b, int64_t e, const VecBody& vec, const OneBody& one) {
+__device__ __forceinline__ void walk(bool aligned, int64_t b, int64_t e, const VecBody& vec,
+                                     const OneBody& one) {
   constexpr int N = Elem<T>::N;
   int64_t tail = b;
   if (aligned) {
@@ -112,11 +120,12 @@ __device__ __forceinline__ void walk(bool aligned, int64_t b, int64_t e, const V
 
 // The block's tensor: one word of the chunk → tensor table (built by the host once per list
 // of tensor sizes), then the 128-byte record, copied to shared memory by 16 threads at once.
-__device__ __forceinline__ int load_rec(const TensorRec* __restrict__ recs, const int32_t* __restrict__ chunk_tensor,
-                                        TensorRec& rec) {
+__device__ __forceinline__ int load_rec(const TensorRec* __restrict__ recs,
+                                        const int32_t* __restrict__ chunk_tensor, TensorRec& rec) {
   const int t = __ldg(chunk_tensor + blockIdx.x);
   if (threadIdx.x < kRecWords)
-    reinterpret_cast<int64_t*>(&rec)[threadIdx.x] = __ldg(reinterpret_cast<const long long*>(recs + t) + threadIdx.x);
+    reinterpret_cast<int64_t*>(&rec)[threadIdx.x] =
+        __ldg(reinterpret_cast<const long long*>(recs + t) + threadIdx.x);
   __syncthreads();
   return t;
 }
@@ -145,7 +154,8 @@ __device__ __forceinline__ void block_sum(float (&v)[N]) {
 
 // ---- stats -----------------------------------------------------------------------------------
 template <typename T, bool HR, bool HP>
-__device__ __forceinline__ void stats_loop(const TensorRec& rec, int64_t b, int64_t e, float (&acc)[4]) {
+__device__ __forceinline__ void stats_loop(const TensorRec& rec, int64_t b, int64_t e,
+                                           float (&acc)[4]) {
   constexpr int N = Elem<T>::N;
   const void* __restrict__ g = reinterpret_cast<const void*>(rec.ptr[S_G]);
   const void* __restrict__ r = reinterpret_cast<const void*>(rec.ptr[S_R]);
@@ -173,17 +183,22 @@ __device__ __forceinline__ void stats_loop(const TensorRec& rec, int64_t b, int6
 }
 
 template <typename T>
-__device__ __forceinline__ void stats_dt(const TensorRec& rec, int64_t b, int64_t e, float (&acc)[4]) {
+__device__ __forceinline__ void stats_dt(const TensorRec& rec, int64_t b, int64_t e,
+                                         float (&acc)[4]) {
   const bool hr = rec.ptr[S_R] != 0, hp = rec.ptr[S_P] != 0;
-  if (hr && hp) stats_loop<T, true, true>(rec, b, e, acc);
-  else if (hr) stats_loop<T, true, false>(rec, b, e, acc);
-  else if (hp) stats_loop<T, false, true>(rec, b, e, acc);
-  else stats_loop<T, false, false>(rec, b, e, acc);
+  if (hr && hp)
+    stats_loop<T, true, true>(rec, b, e, acc);
+  else if (hr)
+    stats_loop<T, true, false>(rec, b, e, acc);
+  else if (hp)
+    stats_loop<T, false, true>(rec, b, e, acc);
+  else
+    stats_loop<T, false, false>(rec, b, e, acc);
 }
 
-__global__ void __launch_bounds__(kThreads) stats_kernel(const TensorRec* __restrict__ recs,
-                                                         const int32_t* __restrict__ chunk_tensor, int64_t chunk,
-                                                         float* __restrict__ partials) {
+__global__ void __launch_bounds__(kThreads)
+    stats_kernel(const TensorRec* __restrict__ recs, const int32_t* __restrict__ chunk_tensor,
+                 int64_t chunk, float* __restrict__ partials) {
   __shared__ TensorRec rec;
   load_rec(recs, chunk_tensor, rec);
   const int64_t c = blockIdx.x;
@@ -191,9 +206,15 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const TensorRec* __rest
   const int64_t e = b + chunk < rec.numel ? b + chunk : rec.numel;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   switch (rec.dtype) {
-    case CDT_F32: stats_dt<float>(rec, b, e, acc); break;
-    case CDT_BF16: stats_dt<__nv_bfloat16>(rec, b, e, acc); break;
-    default: stats_dt<__half>(rec, b, e, acc); break;
+    case CDT_F32:
+      stats_dt<float>(rec, b, e, acc);
+      break;
+    case CDT_BF16:
+      stats_dt<__nv_bfloat16>(rec, b, e, acc);
+      break;
+    default:
+      stats_dt<__half>(rec, b, e, acc);
+      break;
   }
   block_sum<4>(acc);
   if (threadIdx.x == 0) {
@@ -219,8 +240,8 @@ __device__ __forceinline__ int finalize_groups(int64_t S) {
 
 // Calls done(s, acc) on thread 0 of the segment's group for every segment s < S.
 template <typename T, typename Done>
-__device__ __forceinline__ void for_each_segment_sum(const T* partials, const int64_t* off, int64_t C,
-                                                     int64_t S, const Done& done) {
+__device__ __forceinline__ void for_each_segment_sum(const T* partials, const int64_t* off,
+                                                     int64_t C, int64_t S, const Done& done) {
   __shared__ double sh[kFinalizeWarps][4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int groups = finalize_groups(S);
@@ -254,8 +275,8 @@ __device__ __forceinline__ void for_each_segment_sum(const T* partials, const in
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kFinalizeThreads) segment_sum_kernel(const T* partials, const int64_t* off,
-                                                                       int64_t C, int64_t S, T* sums) {
+__global__ void __launch_bounds__(kFinalizeThreads)
+    segment_sum_kernel(const T* partials, const int64_t* off, int64_t C, int64_t S, T* sums) {
   for_each_segment_sum<T>(partials, off, C, S, [&](int64_t s, const double (&tot)[4]) {
     for (int k = 0; k < 4; ++k) sums[s * NUM_STATS + k] = static_cast<T>(tot[k]);
   });
@@ -265,9 +286,9 @@ __global__ void __launch_bounds__(kFinalizeThreads) segment_sum_kernel(const T* 
 // (kernels/stats.py, Triton). nu[s] -> the segment's float32 (ν, initialised), written back for
 // mag_mode="relative" segments once the block knows that the step is not skipped.
 template <typename T>
-__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const T* partials, const int64_t* off,
-                                                                    int64_t C, const T* hyper,
-                                                                    float* const* nu, int64_t S, T* out) {
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const T* partials, const int64_t* off, int64_t C, const T* hyper,
+                    float* const* nu, int64_t S, T* out) {
   int bad = 0;
   for_each_segment_sum<T>(partials, off, C, S, [&](int64_t s, const double (&tot)[4]) {
     const T st[4] = {static_cast<T>(tot[0]), static_cast<T>(tot[1]), static_cast<T>(tot[2]),
@@ -301,7 +322,8 @@ struct ApplyScalars {
 template <int MODE>
 struct AdamW1 {
   float alpha, beta, decay, step_size, bc2_sqrt, b1, omb1, b2, omb2, rb, omrb, eps;
-  __device__ __forceinline__ void operator()(float gv, float& mv, float& vv, float& pv, float& rv) const {
+  __device__ __forceinline__ void operator()(float gv, float& mv, float& vv, float& pv,
+                                             float& rv) const {
     if (MODE == REF_MOMENTUM) rv = mv;
     const float u = alpha * gv + beta * rv;
     if (MODE == REF_EMA) rv = rb * rv + omrb * gv;
@@ -313,15 +335,17 @@ struct AdamW1 {
 };
 
 template <typename T, int MODE>
-__device__ __forceinline__ void apply_loop(const TensorRec& rec, const ApplyScalars& k, int64_t b, int64_t e) {
+__device__ __forceinline__ void apply_loop(const TensorRec& rec, const ApplyScalars& k, int64_t b,
+                                           int64_t e) {
   constexpr int N = Elem<T>::N;
   void* __restrict__ p = reinterpret_cast<void*>(rec.ptr[S_P]);
   const void* __restrict__ g = reinterpret_cast<const void*>(rec.ptr[S_G]);
   void* __restrict__ m = reinterpret_cast<void*>(rec.ptr[S_M]);
   void* __restrict__ v = reinterpret_cast<void*>(rec.ptr[S_V]);
   void* __restrict__ r = reinterpret_cast<void*>(rec.ptr[S_R]);
-  const AdamW1<MODE> f{k.alpha, k.beta, k.decay, k.step_size, k.bc2_sqrt, rec.beta1, 1.f - rec.beta1,
-                       rec.beta2, 1.f - rec.beta2, rec.ref_beta, 1.f - rec.ref_beta, rec.eps};
+  const AdamW1<MODE> f{
+      k.alpha,         k.beta,    k.decay,         k.step_size,  k.bc2_sqrt,         rec.beta1,
+      1.f - rec.beta1, rec.beta2, 1.f - rec.beta2, rec.ref_beta, 1.f - rec.ref_beta, rec.eps};
   walk<T>((rec.flags & F_ALIGNED) != 0, b, e,
           [&](int64_t i) {
             float gv[N], mv[N], vv[N], pv[N], rv[N];
@@ -349,18 +373,25 @@ __device__ __forceinline__ void apply_loop(const TensorRec& rec, const ApplyScal
 }
 
 template <typename T>
-__device__ __forceinline__ void apply_dt(const TensorRec& rec, const ApplyScalars& k, int64_t b, int64_t e) {
+__device__ __forceinline__ void apply_dt(const TensorRec& rec, const ApplyScalars& k, int64_t b,
+                                         int64_t e) {
   switch (rec.ref_mode) {
-    case REF_MOMENTUM: apply_loop<T, REF_MOMENTUM>(rec, k, b, e); break;
-    case REF_EMA: apply_loop<T, REF_EMA>(rec, k, b, e); break;
-    default: apply_loop<T, REF_SOURCE>(rec, k, b, e); break;
+    case REF_MOMENTUM:
+      apply_loop<T, REF_MOMENTUM>(rec, k, b, e);
+      break;
+    case REF_EMA:
+      apply_loop<T, REF_EMA>(rec, k, b, e);
+      break;
+    default:
+      apply_loop<T, REF_SOURCE>(rec, k, b, e);
+      break;
   }
 }
 
-__global__ void __launch_bounds__(kThreads) apply_kernel(const TensorRec* __restrict__ recs,
-                                                         const int32_t* __restrict__ chunk_tensor, int64_t chunk,
-                                                         const float* __restrict__ out,
-                                                         unsigned long long* __restrict__ counters) {
+__global__ void __launch_bounds__(kThreads)
+    apply_kernel(const TensorRec* __restrict__ recs, const int32_t* __restrict__ chunk_tensor,
+                 int64_t chunk, const float* __restrict__ out,
+                 unsigned long long* __restrict__ counters) {
   if (__ldg(out + O_SKIP) != 0.f) return;  // the same for every block: the whole step is skipped
   __shared__ TensorRec rec;
   __shared__ ApplyScalars k;
@@ -370,8 +401,9 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const TensorRec* __rest
     const float* row = out + static_cast<int64_t>(rec.seg) * NUM_OUT;
     const float step = __ldcg(reinterpret_cast<const float*>(rec.ptr[S_STEP]));
     const float t_new = step + 1.f;
-    const double lr = rec.lr_ptr ? static_cast<double>(__ldg(reinterpret_cast<const float*>(rec.lr_ptr)))
-                                 : static_cast<double>(rec.lr);
+    const double lr = rec.lr_ptr
+                          ? static_cast<double>(__ldg(reinterpret_cast<const float*>(rec.lr_ptr)))
+                          : static_cast<double>(rec.lr);
     const double bc1 = 1.0 - pow(static_cast<double>(rec.beta1), static_cast<double>(t_new));
     const double bc2 = 1.0 - pow(static_cast<double>(rec.beta2), static_cast<double>(t_new));
     k.alpha = __ldg(row + O_ALPHA);
@@ -385,9 +417,15 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const TensorRec* __rest
   const int64_t b = (static_cast<int64_t>(blockIdx.x) - rec.chunk_begin) * chunk;
   const int64_t e = b + chunk < rec.numel ? b + chunk : rec.numel;
   switch (rec.dtype) {
-    case CDT_F32: apply_dt<float>(rec, k, b, e); break;
-    case CDT_BF16: apply_dt<__nv_bfloat16>(rec, k, b, e); break;
-    default: apply_dt<__half>(rec, k, b, e); break;
+    case CDT_F32:
+      apply_dt<float>(rec, k, b, e);
+      break;
+    case CDT_BF16:
+      apply_dt<__nv_bfloat16>(rec, k, b, e);
+      break;
+    default:
+      apply_dt<__half>(rec, k, b, e);
+      break;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -403,7 +441,8 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const TensorRec* __rest
 
 // ---- guide (GradientGuidance) ----------------------------------------------------------------
 template <typename T, bool HR, bool EMA>
-__device__ __forceinline__ void guide_loop(const TensorRec& rec, float alpha, float beta, int64_t b, int64_t e) {
+__device__ __forceinline__ void guide_loop(const TensorRec& rec, float alpha, float beta, int64_t b,
+                                           int64_t e) {
   constexpr int N = Elem<T>::N;
   void* __restrict__ g = reinterpret_cast<void*>(rec.ptr[S_G]);
   void* __restrict__ r = reinterpret_cast<void*>(rec.ptr[S_R]);
@@ -433,15 +472,19 @@ __device__ __forceinline__ void guide_loop(const TensorRec& rec, float alpha, fl
 }
 
 template <typename T>
-__device__ __forceinline__ void guide_dt(const TensorRec& rec, float alpha, float beta, int64_t b, int64_t e) {
-  if (rec.ptr[S_R] == 0) guide_loop<T, false, false>(rec, alpha, beta, b, e);
-  else if (rec.ref_mode == REF_EMA) guide_loop<T, true, true>(rec, alpha, beta, b, e);
-  else guide_loop<T, true, false>(rec, alpha, beta, b, e);
+__device__ __forceinline__ void guide_dt(const TensorRec& rec, float alpha, float beta, int64_t b,
+                                         int64_t e) {
+  if (rec.ptr[S_R] == 0)
+    guide_loop<T, false, false>(rec, alpha, beta, b, e);
+  else if (rec.ref_mode == REF_EMA)
+    guide_loop<T, true, true>(rec, alpha, beta, b, e);
+  else
+    guide_loop<T, true, false>(rec, alpha, beta, b, e);
 }
 
-__global__ void __launch_bounds__(kThreads) guide_kernel(const TensorRec* __restrict__ recs,
-                                                         const int32_t* __restrict__ chunk_tensor, int64_t chunk,
-                                                         const float* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    guide_kernel(const TensorRec* __restrict__ recs, const int32_t* __restrict__ chunk_tensor,
+                 int64_t chunk, const float* __restrict__ out) {
   if (__ldg(out + O_SKIP) != 0.f) return;
   __shared__ TensorRec rec;
   load_rec(recs, chunk_tensor, rec);
@@ -450,25 +493,32 @@ __global__ void __launch_bounds__(kThreads) guide_kernel(const TensorRec* __rest
   const int64_t b = (static_cast<int64_t>(blockIdx.x) - rec.chunk_begin) * chunk;
   const int64_t e = b + chunk < rec.numel ? b + chunk : rec.numel;
   switch (rec.dtype) {
-    case CDT_F32: guide_dt<float>(rec, alpha, beta, b, e); break;
-    case CDT_BF16: guide_dt<__nv_bfloat16>(rec, alpha, beta, b, e); break;
-    default: guide_dt<__half>(rec, alpha, beta, b, e); break;
+    case CDT_F32:
+      guide_dt<float>(rec, alpha, beta, b, e);
+      break;
+    case CDT_BF16:
+      guide_dt<__nv_bfloat16>(rec, alpha, beta, b, e);
+      break;
+    default:
+      guide_dt<__half>(rec, alpha, beta, b, e);
+      break;
   }
 }
 
 }  // namespace
 
 // ---- launchers -------------------------------------------------------------------------------
-void launch_stats(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
-                  float* partials, cudaStream_t stream) {
+void launch_stats(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C,
+                  int64_t chunk, float* partials, cudaStream_t stream) {
   if (P == 0 || C == 0) return;
-  stats_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, chunk_tensor, chunk, partials);
+  stats_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, chunk_tensor, chunk,
+                                                                  partials);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_segment_sum(const T* partials, const int64_t* seg_offsets, int64_t C, int64_t S, T* sums,
-                        cudaStream_t stream) {
+void launch_segment_sum(const T* partials, const int64_t* seg_offsets, int64_t C, int64_t S,
+                        T* sums, cudaStream_t stream) {
   if (S == 0) return;
   segment_sum_kernel<T><<<1, kFinalizeThreads, 0, stream>>>(partials, seg_offsets, C, S, sums);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -478,26 +528,31 @@ template <typename T>
 void launch_finalize(const T* partials, const int64_t* seg_offsets, int64_t C, const T* hyper,
                      float* const* nu, int64_t S, T* out, cudaStream_t stream) {
   if (S == 0) return;
-  finalize_kernel<T><<<1, kFinalizeThreads, 0, stream>>>(partials, seg_offsets, C, hyper, nu, S, out);
+  finalize_kernel<T>
+      <<<1, kFinalizeThreads, 0, stream>>>(partials, seg_offsets, C, hyper, nu, S, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_apply(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
-                  const float* out, unsigned long long* counters, cudaStream_t stream) {
+void launch_apply(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C,
+                  int64_t chunk, const float* out, unsigned long long* counters,
+                  cudaStream_t stream) {
   if (P == 0 || C == 0) return;
-  apply_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, chunk_tensor, chunk, out, counters);
+  apply_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, chunk_tensor, chunk, out,
+                                                                  counters);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_guide(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C, int64_t chunk,
-                  const float* out, cudaStream_t stream) {
+void launch_guide(const TensorRec* recs, const int32_t* chunk_tensor, int64_t P, int64_t C,
+                  int64_t chunk, const float* out, cudaStream_t stream) {
   if (P == 0 || C == 0) return;
   guide_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(recs, chunk_tensor, chunk, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template void launch_segment_sum<float>(const float*, const int64_t*, int64_t, int64_t, float*, cudaStream_t);
-template void launch_segment_sum<double>(const double*, const int64_t*, int64_t, int64_t, double*, cudaStream_t);
+template void launch_segment_sum<float>(const float*, const int64_t*, int64_t, int64_t, float*,
+                                        cudaStream_t);
+template void launch_segment_sum<double>(const double*, const int64_t*, int64_t, int64_t, double*,
+                                         cudaStream_t);
 template void launch_finalize<float>(const float*, const int64_t*, int64_t, const float*,
                                      float* const*, int64_t, float*, cudaStream_t);
 template void launch_finalize<double>(const double*, const int64_t*, int64_t, const double*,

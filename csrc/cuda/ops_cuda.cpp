@@ -19,25 +19,26 @@
 namespace sgg_fast {
 namespace cuda {
 
-std::string cuda_build_info() {
-  return "cudart=" + std::to_string(CUDART_VERSION);
-}
+std::string cuda_build_info() { return "cudart=" + std::to_string(CUDART_VERSION); }
 
 namespace {
 
 int32_t to_cdt(c10::ScalarType t) {
   switch (t) {
-    case at::kFloat: return CDT_F32;
-    case at::kBFloat16: return CDT_BF16;
-    default: return CDT_F16;
+    case at::kFloat:
+      return CDT_F32;
+    case at::kBFloat16:
+      return CDT_BF16;
+    default:
+      return CDT_F16;
   }
 }
 
 int64_t as_int(const void* p) { return reinterpret_cast<int64_t>(p); }
 
 void check_on(const at::Tensor& t, const char* name, int64_t i, const at::Device& dev) {
-  TORCH_CHECK(t.device() == dev, name, "[", i, "] is on ", t.device(), " but the step runs on ", dev,
-              "; keep every tensor of one optimizer on one CUDA device");
+  TORCH_CHECK(t.device() == dev, name, "[", i, "] is on ", t.device(), " but the step runs on ",
+              dev, "; keep every tensor of one optimizer on one CUDA device");
 }
 
 // Make the device table `ws` hold `recs`: compare with the host mirror, upload only on change
@@ -46,14 +47,17 @@ TensorRec* sync_table(const std::vector<TensorRec>& recs, const std::optional<at
                       const std::optional<at::Tensor>& ws_host, const at::Device& dev,
                       cudaStream_t stream) {
   const int64_t P = static_cast<int64_t>(recs.size());
-  TORCH_CHECK(ws.has_value() && ws->defined() && ws_host.has_value() && ws_host->defined(),
-              "the CUDA implementation needs ws and ws_host: int64 tensors of ", kWsWordsPerTensor,
-              " words per tensor (", kWsWordsPerTensor * P, " here), ws on the device and ws_host on "
-              "the CPU, both zero-initialised and kept across steps (the device table and its mirror)");
+  TORCH_CHECK(
+      ws.has_value() && ws->defined() && ws_host.has_value() && ws_host->defined(),
+      "the CUDA implementation needs ws and ws_host: int64 tensors of ", kWsWordsPerTensor,
+      " words per tensor (", kWsWordsPerTensor * P,
+      " here), ws on the device and ws_host on "
+      "the CPU, both zero-initialised and kept across steps (the device table and its mirror)");
   TORCH_CHECK(ws->scalar_type() == at::kLong && ws->is_contiguous() && ws->device() == dev &&
                   ws->numel() >= kWsWordsPerTensor * P,
-              "ws must be a contiguous int64 tensor on ", dev, " with at least ", kWsWordsPerTensor * P,
-              " words, got ", ws->numel(), " ", dtype_name(ws->scalar_type()), " on ", ws->device());
+              "ws must be a contiguous int64 tensor on ", dev, " with at least ",
+              kWsWordsPerTensor * P, " words, got ", ws->numel(), " ",
+              dtype_name(ws->scalar_type()), " on ", ws->device());
   TORCH_CHECK(ws_host->scalar_type() == at::kLong && ws_host->is_contiguous() &&
                   ws_host->device().is_cpu() && ws_host->numel() >= kRecWords * P,
               "ws_host must be a contiguous int64 CPU tensor with at least ", kRecWords * P,
@@ -62,11 +66,12 @@ TensorRec* sync_table(const std::vector<TensorRec>& recs, const std::optional<at
   if (std::memcmp(ws_host->const_data_ptr(), recs.data(), bytes) != 0) {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-    TORCH_CHECK(status == cudaStreamCaptureStatusNone,
-                "sgg_fast: the tensors (addresses) or hyper-parameters of the step changed during CUDA "
-                "graph capture, so the device table would have to be uploaded inside the graph. Run one "
-                "eager step with the same tensors and settings before capturing; for an lr schedule "
-                "inside a graph, give the param_group a tensor lr.");
+    TORCH_CHECK(
+        status == cudaStreamCaptureStatusNone,
+        "sgg_fast: the tensors (addresses) or hyper-parameters of the step changed during CUDA "
+        "graph capture, so the device table would have to be uploaded inside the graph. Run one "
+        "eager step with the same tensors and settings before capturing; for an lr schedule "
+        "inside a graph, give the param_group a tensor lr.");
     at::Tensor staging =
         at::empty({kRecWords * P}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
     std::memcpy(staging.data_ptr(), recs.data(), bytes);
@@ -83,7 +88,8 @@ int64_t assign_chunks(std::vector<TensorRec>& recs, int64_t chunk) {
     r.nchunks = num_chunks(r.numel, chunk);
     C += r.nchunks;
   }
-  TORCH_CHECK(C < (int64_t(1) << 31), "sgg_fast: ", C, " chunks exceed the CUDA grid limit (2^31 - 1); "
+  TORCH_CHECK(C < (int64_t(1) << 31), "sgg_fast: ", C,
+              " chunks exceed the CUDA grid limit (2^31 - 1); "
               "pass a larger chunk_size");
   return C;
 }
@@ -117,14 +123,16 @@ const int32_t* chunk_table(const std::vector<TensorRec>& recs, int64_t C, const 
     if (e.dev == dev && e.nchunks == key) return e.table.const_data_ptr<int32_t>();
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  TORCH_CHECK(status == cudaStreamCaptureStatusNone,
-              "sgg_fast: the tensor sizes of the step changed during CUDA graph capture, so the chunk "
-              "table would have to be uploaded inside the graph. Run one eager step with the same "
-              "parameters before capturing.");
+  TORCH_CHECK(
+      status == cudaStreamCaptureStatusNone,
+      "sgg_fast: the tensor sizes of the step changed during CUDA graph capture, so the chunk "
+      "table would have to be uploaded inside the graph. Run one eager step with the same "
+      "parameters before capturing.");
   at::Tensor staging = at::empty({C}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
   int32_t* h = staging.data_ptr<int32_t>();
   for (size_t t = 0; t < recs.size(); ++t)
-    for (int64_t c = 0; c < recs[t].nchunks; ++c) h[recs[t].chunk_begin + c] = static_cast<int32_t>(t);
+    for (int64_t c = 0; c < recs[t].nchunks; ++c)
+      h[recs[t].chunk_begin + c] = static_cast<int32_t>(t);
   at::Tensor table = at::empty({C}, at::TensorOptions().dtype(at::kInt).device(dev));
   table.copy_(staging, /*non_blocking=*/true);
   if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
@@ -135,7 +143,8 @@ const int32_t* chunk_table(const std::vector<TensorRec>& recs, int64_t C, const 
 // ---- sgg_stats -----------------------------------------------------------------------------
 at::Tensor stats_cuda(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& refs,
                       const c10::List<std::optional<at::Tensor>>& params, int64_t chunk_size,
-                      const std::optional<at::Tensor>& ws, const std::optional<at::Tensor>& ws_host) {
+                      const std::optional<at::Tensor>& ws,
+                      const std::optional<at::Tensor>& ws_host) {
   const int64_t P = grads.size();
   check_lengths("refs", refs.size(), P, "grads");
   check_lengths("params", params.size(), P, "grads");
@@ -179,10 +188,11 @@ void check_partials(const at::Tensor& partials, const at::Tensor& seg_offsets) {
               "partials must be float32 or float64, got ", dtype_name(partials.scalar_type()));
   TORCH_CHECK(seg_offsets.dim() == 1 && seg_offsets.size(0) >= 1 &&
                   seg_offsets.scalar_type() == at::kLong && seg_offsets.is_contiguous(),
-              "seg_offsets must be a contiguous 1-D int64 tensor [S + 1], got ", seg_offsets.sizes());
+              "seg_offsets must be a contiguous 1-D int64 tensor [S + 1], got ",
+              seg_offsets.sizes());
   TORCH_CHECK(partials.is_cuda() && seg_offsets.device() == partials.device(),
-              "partials and seg_offsets must be on the same CUDA device, got ", partials.device(), " and ",
-              seg_offsets.device());
+              "partials and seg_offsets must be on the same CUDA device, got ", partials.device(),
+              " and ", seg_offsets.device());
 }
 
 at::Tensor segment_sum_cuda(const at::Tensor& partials, const at::Tensor& seg_offsets) {
@@ -193,11 +203,11 @@ at::Tensor segment_sum_cuda(const at::Tensor& partials, const at::Tensor& seg_of
   at::Tensor out = at::empty({S, NUM_STATS}, partials.options());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(partials.device().index()).stream();
   if (partials.scalar_type() == at::kFloat)
-    launch_segment_sum<float>(pc.const_data_ptr<float>(), seg_offsets.const_data_ptr<int64_t>(), C, S,
-                              out.data_ptr<float>(), stream);
+    launch_segment_sum<float>(pc.const_data_ptr<float>(), seg_offsets.const_data_ptr<int64_t>(), C,
+                              S, out.data_ptr<float>(), stream);
   else
-    launch_segment_sum<double>(pc.const_data_ptr<double>(), seg_offsets.const_data_ptr<int64_t>(), C, S,
-                               out.data_ptr<double>(), stream);
+    launch_segment_sum<double>(pc.const_data_ptr<double>(), seg_offsets.const_data_ptr<int64_t>(),
+                               C, S, out.data_ptr<double>(), stream);
   return out;
 }
 
@@ -218,13 +228,15 @@ float* const* nu_table(at::TensorList nu, const at::Device& dev, cudaStream_t st
   for (size_t s = 0; s < nu.size(); ++s) addrs[s] = as_int(nu[s].data_ptr());
   std::lock_guard<std::mutex> lock(mu);
   for (const auto& e : cache)
-    if (e.dev == dev && e.addrs == addrs) return reinterpret_cast<float* const*>(e.table.data_ptr());
+    if (e.dev == dev && e.addrs == addrs)
+      return reinterpret_cast<float* const*>(e.table.data_ptr());
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  TORCH_CHECK(status == cudaStreamCaptureStatusNone,
-              "sgg_fast: the norm_ema tensors of the step changed during CUDA graph capture, so their "
-              "address table would have to be uploaded inside the graph. Run one eager step with the "
-              "same parameters before capturing.");
+  TORCH_CHECK(
+      status == cudaStreamCaptureStatusNone,
+      "sgg_fast: the norm_ema tensors of the step changed during CUDA graph capture, so their "
+      "address table would have to be uploaded inside the graph. Run one eager step with the "
+      "same parameters before capturing.");
   const int64_t S = static_cast<int64_t>(addrs.size());
   at::Tensor staging = at::empty({S}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::memcpy(staging.data_ptr(), addrs.data(), addrs.size() * sizeof(int64_t));
@@ -239,8 +251,8 @@ float* const* nu_table(at::TensorList nu, const at::Device& dev, cudaStream_t st
 // reads it and, for mag_mode="relative" segments of a step that is not skipped, writes it back.
 // The math is finalize_row (sgg_common.h), mirrored by guidance.finalize and the Triton
 // _finalize_kernel (kernels/stats.py).
-at::Tensor finalize_cuda(const at::Tensor& partials, const at::Tensor& seg_offsets, const at::Tensor& hyper,
-                         at::TensorList nu) {
+at::Tensor finalize_cuda(const at::Tensor& partials, const at::Tensor& seg_offsets,
+                         const at::Tensor& hyper, at::TensorList nu) {
   check_partials(partials, seg_offsets);
   const int64_t S = seg_offsets.size(0) - 1, C = partials.size(0);
   TORCH_CHECK(hyper.dim() == 2 && hyper.size(0) == S && hyper.size(1) == NUM_HYPER,
@@ -248,14 +260,17 @@ at::Tensor finalize_cuda(const at::Tensor& partials, const at::Tensor& seg_offse
               "] (guidance.HYPER_COLS), got ", hyper.sizes());
   TORCH_CHECK(hyper.device() == partials.device(), "hyper must be on ", partials.device(), ", got ",
               hyper.device());
-  TORCH_CHECK(static_cast<int64_t>(nu.size()) == S, "nu must hold one (norm_ema, initialised) tensor per segment (",
-              S, "), got ", nu.size());
+  TORCH_CHECK(static_cast<int64_t>(nu.size()) == S,
+              "nu must hold one (norm_ema, initialised) tensor per segment (", S, "), got ",
+              nu.size());
   for (int64_t s = 0; s < S; ++s) {
     const at::Tensor& t = nu[s];
     TORCH_CHECK(t.numel() == NUM_NU && t.scalar_type() == at::kFloat && t.is_contiguous() &&
                     t.device() == partials.device(),
-                "nu[", s, "] must be a contiguous float32 tensor of 2 elements (norm_ema, initialised) on ",
-                partials.device(), ", got ", t.sizes(), " ", dtype_name(t.scalar_type()), " on ", t.device());
+                "nu[", s,
+                "] must be a contiguous float32 tensor of 2 elements (norm_ema, initialised) on ",
+                partials.device(), ", got ", t.sizes(), " ", dtype_name(t.scalar_type()), " on ",
+                t.device());
   }
   c10::cuda::CUDAGuard guard(partials.device());
   const auto dt = partials.scalar_type();
@@ -278,27 +293,28 @@ void check_out_cuda(const at::Tensor& out, const at::Device& dev) {
   TORCH_CHECK(out.dim() == 2 && out.size(1) == NUM_OUT && out.scalar_type() == at::kFloat &&
                   out.is_contiguous() && out.device() == dev,
               "out must be the contiguous float32 [S, 14] tensor on ", dev,
-              " returned by sgg_finalize, got ", out.sizes(), " ", dtype_name(out.scalar_type()), " on ",
-              out.device());
+              " returned by sgg_finalize, got ", out.sizes(), " ", dtype_name(out.scalar_type()),
+              " on ", out.device());
 }
 
 // ---- sgg_adamw_apply -----------------------------------------------------------------------
 void adamw_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList steps,
-                      at::TensorList refs, const at::Tensor& out,
-                      at::IntArrayRef seg_index, at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
-                      at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
-                      at::ArrayRef<double> weight_decay, at::ArrayRef<double> ref_beta,
-                      at::IntArrayRef ref_mode, const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                      at::TensorList max_exp_avg_sqs,
-                      const std::optional<at::Tensor>& ws, const std::optional<at::Tensor>& ws_host) {
+                      at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList refs,
+                      const at::Tensor& out, at::IntArrayRef seg_index, at::ArrayRef<double> lr,
+                      at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
+                      at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
+                      at::ArrayRef<double> ref_beta, at::IntArrayRef ref_mode,
+                      const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                      at::TensorList max_exp_avg_sqs, const std::optional<at::Tensor>& ws,
+                      const std::optional<at::Tensor>& ws_host) {
   const int64_t P = params.size();
   TORCH_CHECK(max_exp_avg_sqs.empty(),
               "amsgrad (max_exp_avg_sqs) is not implemented by the CUDA sgg_adamw_apply; pass [] "
               "(SGGAdamW falls back to backend='torch' for amsgrad=True on CUDA)");
-  check_apply_lengths(P, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), steps.size(), refs.size(),
-                      seg_index.size(), lr.size(), beta1.size(), beta2.size(), eps.size(),
-                      weight_decay.size(), ref_beta.size(), ref_mode.size(), lr_tensors.size());
+  check_apply_lengths(P, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), steps.size(),
+                      refs.size(), seg_index.size(), lr.size(), beta1.size(), beta2.size(),
+                      eps.size(), weight_decay.size(), ref_beta.size(), ref_mode.size(),
+                      lr_tensors.size());
   if (P == 0) return;
   const at::Device dev = params[0].device();
   TORCH_CHECK(dev.is_cuda(), "params[0] is on ", dev, "; this is the CUDA implementation");
@@ -314,9 +330,10 @@ void adamw_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
     check_like(exp_avgs[i], "exp_avgs", i, p, "params");
     check_like(exp_avg_sqs[i], "exp_avg_sqs", i, p, "params");
     const at::Tensor& st = steps[i];
-    TORCH_CHECK(st.defined() && st.numel() == 1 && st.scalar_type() == at::kFloat && st.device() == dev,
-                "steps[", i, "] must be a one-element float32 tensor on ", dev, " (state['step']), got ",
-                st.sizes(), " ", dtype_name(st.scalar_type()), " on ", st.device());
+    TORCH_CHECK(
+        st.defined() && st.numel() == 1 && st.scalar_type() == at::kFloat && st.device() == dev,
+        "steps[", i, "] must be a one-element float32 tensor on ", dev, " (state['step']), got ",
+        st.sizes(), " ", dtype_name(st.scalar_type()), " on ", st.device());
     check_seg(seg_index, i, S);
     check_ref_mode(ref_mode[i], i);
     const auto r = check_apply_ref(refs[i], ref_mode[i], i, p);
@@ -324,8 +341,8 @@ void adamw_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
     if (lr_tensors.size()) {
       if (auto lt = opt_at(lr_tensors, i)) {
         TORCH_CHECK(lt->numel() == 1 && lt->scalar_type() == at::kFloat && lt->device() == dev,
-                    "lr_tensors[", i, "] must be a one-element float32 tensor on ", dev, ", got ", lt->sizes(),
-                    " ", dtype_name(lt->scalar_type()), " on ", lt->device());
+                    "lr_tensors[", i, "] must be a one-element float32 tensor on ", dev, ", got ",
+                    lt->sizes(), " ", dtype_name(lt->scalar_type()), " on ", lt->device());
         lr_ptr = as_int(lt->const_data_ptr());
       }
     }
@@ -354,13 +371,14 @@ void adamw_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const int32_t* tab = chunk_table(recs, C, dev, stream);
   TensorRec* d = sync_table(recs, ws, ws_host, dev, stream);
-  auto* counters = reinterpret_cast<unsigned long long*>(reinterpret_cast<int64_t*>(d) + kRecWords * P);
+  auto* counters =
+      reinterpret_cast<unsigned long long*>(reinterpret_cast<int64_t*>(d) + kRecWords * P);
   launch_apply(d, tab, P, C, kCudaApplyChunk, out.const_data_ptr<float>(), counters, stream);
 }
 
 // ---- sgg_guide_apply -----------------------------------------------------------------------
-void guide_apply_cuda(at::TensorList grads, at::TensorList refs,
-                      const at::Tensor& out, at::IntArrayRef seg_index, at::ArrayRef<double> ref_beta,
+void guide_apply_cuda(at::TensorList grads, at::TensorList refs, const at::Tensor& out,
+                      at::IntArrayRef seg_index, at::ArrayRef<double> ref_beta,
                       at::IntArrayRef ref_mode, const std::optional<at::Tensor>& ws,
                       const std::optional<at::Tensor>& ws_host) {
   const int64_t P = grads.size();
@@ -382,8 +400,8 @@ void guide_apply_cuda(at::TensorList grads, at::TensorList refs,
     check_seg(seg_index, i, S);
     check_ref_mode(ref_mode[i], i);
     const auto r = guide_ref(refs[i], i, g);
-    TORCH_CHECK(r || ref_mode[i] != REF_EMA || g.numel() == 0, "refs[", i, "] is None but ref_mode[", i,
-                "] = 1 (ema) updates it");
+    TORCH_CHECK(r || ref_mode[i] != REF_EMA || g.numel() == 0, "refs[", i,
+                "] is None but ref_mode[", i, "] = 1 (ema) updates it");
     TensorRec& rec = recs[i];
     std::memset(&rec, 0, sizeof(rec));
     rec.ptr[S_G] = as_int(g.data_ptr());

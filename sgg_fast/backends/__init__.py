@@ -16,8 +16,7 @@ from .._ext import _outside_dynamo
 from ..plan import StepPlan
 from .base import Backend, Partials
 
-__all__ = ["Backend", "Partials", "register", "get_backend", "all_backends", "available_backends",
-           "resolve", "ENV_VAR"]
+__all__ = ["Backend", "Partials", "register", "get_backend", "all_backends", "available_backends", "resolve", "ENV_VAR"]
 
 ENV_VAR = "SGG_FAST_BACKEND"
 _REGISTRY: dict[str, Backend] = {}
@@ -55,8 +54,7 @@ def all_backends() -> dict[str, Backend]:
 def get_backend(name: str) -> Backend:
     backends = all_backends()
     if name not in backends:
-        raise ValueError(f"unknown backend {name!r}; known backends: 'auto', "
-                         + ", ".join(repr(n) for n in backends))
+        raise ValueError(f"unknown backend {name!r}; known backends: 'auto', " + ", ".join(repr(n) for n in backends))
     return backends[name]
 
 
@@ -81,9 +79,11 @@ def resolve(name: str, plan: StepPlan, fused_only: bool = False) -> Backend:
         reasons = backend.not_supported_reasons(plan)
         if reasons:
             raise RuntimeError(
-                f"backend={name!r} cannot run this step: " + "; ".join(reasons)
+                f"backend={name!r} cannot run this step: "
+                + "; ".join(reasons)
                 + ". Use backend='auto' (or 'torch', which runs anywhere); "
-                "`python -m sgg_fast.info` lists every backend and why it is or is not available.")
+                "`python -m sgg_fast.info` lists every backend and why it is or is not available."
+            )
         return backend
     dev_types = {d.type for d in plan.devices} or {"cpu"}
     candidates = []
@@ -101,6 +101,9 @@ def resolve(name: str, plan: StepPlan, fused_only: bool = False) -> Backend:
             return b
         tried.append(f"{b.name}: " + "; ".join(reasons))
     if fused_only:
-        raise RuntimeError("fused=True but no fused backend can run this step. " + " | ".join(tried)
-                           + ". Drop fused=True to let the torch backend serve it.")
+        raise RuntimeError(
+            "fused=True but no fused backend can run this step. "
+            + " | ".join(tried)
+            + ". Drop fused=True to let the torch backend serve it."
+        )
     raise RuntimeError("no backend can run this step. " + " | ".join(tried))

@@ -18,8 +18,8 @@ class Partials:
     already reduced (``is_reduced``); the distributed layer all-reduces reduced partials.
     """
 
-    values: torch.Tensor     # [C, 4] float32 on the plan's home device
-    offsets: list[int]       # [S + 1]
+    values: torch.Tensor  # [C, 4] float32 on the plan's home device
+    offsets: list[int]  # [S + 1]
 
     @property
     def is_reduced(self) -> bool:
@@ -58,11 +58,15 @@ class Backend:
         reasons = list(self.unavailable_reasons())
         for dev in plan.devices:
             if dev.type not in self.device_types:
-                reasons.append(f"{self.name} does not run on {dev.type} tensors "
-                               f"(it serves: {', '.join(self.device_types) or 'nothing'})")
+                reasons.append(
+                    f"{self.name} does not run on {dev.type} tensors "
+                    f"(it serves: {', '.join(self.device_types) or 'nothing'})"
+                )
         if len(plan.devices) > 1:
-            reasons.append(f"{self.name} needs all parameters of one optimizer on one device "
-                           f"(got {', '.join(map(str, plan.devices))})")
+            reasons.append(
+                f"{self.name} needs all parameters of one optimizer on one device "
+                f"(got {', '.join(map(str, plan.devices))})"
+            )
         for dt in plan.dtypes:
             if dt not in self.dtypes:
                 reasons.append(f"{self.name} does not support {str(dt).replace('torch.', '')} parameters")
@@ -74,17 +78,23 @@ class Backend:
             return [f"{self.name} does not implement amsgrad=True (backend='torch' does)"]
         if not self.same_layout:
             return []
-        lists = (("gradient", plan.grads), ("state['exp_avg']", plan.exp_avgs),
-                 ("state['exp_avg_sq']", plan.exp_avg_sqs), ("state['max_exp_avg_sq']", plan.max_exp_avg_sqs),
-                 ("reference", plan.refs))
+        lists = (
+            ("gradient", plan.grads),
+            ("state['exp_avg']", plan.exp_avgs),
+            ("state['exp_avg_sq']", plan.exp_avg_sqs),
+            ("state['max_exp_avg_sq']", plan.max_exp_avg_sqs),
+            ("reference", plan.refs),
+        )
         for i, p in enumerate(plan.params):
             st = p.stride()
             for what, lst in lists:
                 t = lst[i] if i < len(lst) else None
                 if t is not None and t.numel() > 1 and t.stride() != st:
-                    return [f"{self.name} needs the {what} of {plan.label(i)} laid out like the parameter "
-                            f"(strides {t.stride()} vs {st}, e.g. a channels_last or transposed "
-                            "parameter whose gradient is contiguous); backend='torch' serves it"]
+                    return [
+                        f"{self.name} needs the {what} of {plan.label(i)} laid out like the parameter "
+                        f"(strides {t.stride()} vs {st}, e.g. a channels_last or transposed "
+                        "parameter whose gradient is contiguous); backend='torch' serves it"
+                    ]
         return []
 
     # -- the three stages -------------------------------------------------------------------

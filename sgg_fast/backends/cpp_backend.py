@@ -102,8 +102,9 @@ class _CompiledBackend(Backend):
         dev = partials.values.device
         # two slots: per-chunk rows (stats) and one row per segment (reduced, e.g. distributed)
         name = "cpp_seg_offsets_reduced" if partials.is_reduced else "cpp_seg_offsets"
-        return _cached(plan, name, (tuple(partials.offsets), dev),
-                       lambda: _to_device(partials.offsets, torch.int64, dev))
+        return _cached(
+            plan, name, (tuple(partials.offsets), dev), lambda: _to_device(partials.offsets, torch.int64, dev)
+        )
 
     def _row_offsets(self, plan: StepPlan) -> list[int]:
         """First statistics row of each segment (+ the total): sgg_stats gives tensor i
@@ -133,9 +134,16 @@ class _CompiledBackend(Backend):
         """Per-tensor hyper-parameters as plain lists (+ lr tensors, if any group has one)."""
         groups = plan.groups
         gkey = tuple(
-            (id(g["lr"]) if isinstance(g["lr"], torch.Tensor) else g["lr"], tuple(g["betas"]),
-             g["eps"], g["weight_decay"], g.get("ref_beta"), g.get("reference"))
-            for g in groups)
+            (
+                id(g["lr"]) if isinstance(g["lr"], torch.Tensor) else g["lr"],
+                tuple(g["betas"]),
+                g["eps"],
+                g["weight_decay"],
+                g.get("ref_beta"),
+                g.get("reference"),
+            )
+            for g in groups
+        )
         key = (gkey, tuple(plan.group_index), tuple(plan.seg_of_param))
 
         def make():
@@ -159,16 +167,25 @@ class _CompiledBackend(Backend):
                 wd.append(float(g["weight_decay"]))
                 rb.append(float(seg_group["ref_beta"]))
                 mode.append(plan.ref_mode(i))
-            return dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, ref_beta=rb,
-                        ref_mode=mode, lr_tensors=lr_t if any_lr_t else [])
+            return dict(
+                lr=lr,
+                beta1=b1,
+                beta2=b2,
+                eps=eps,
+                weight_decay=wd,
+                ref_beta=rb,
+                ref_mode=mode,
+                lr_tensors=lr_t if any_lr_t else [],
+            )
 
         return _cached(plan, "cpp_apply_lists", key, make)
 
     # -- the stages --------------------------------------------------------------------------
     def stats(self, plan: StepPlan) -> Partials:
         ops = _ext.ops()
-        params = [p if plan.segments[s].group["mag_mode"] == "param" else None
-                  for p, s in zip(plan.params, plan.seg_of_param)]
+        params = [
+            p if plan.segments[s].group["mag_mode"] == "param" else None for p, s in zip(plan.params, plan.seg_of_param)
+        ]
         ws, ws_host = self._ws(plan, "stats")
         values = ops.sgg_stats(plan.grads, plan.refs, params, self._stats_chunk, ws, ws_host)
         return Partials(values, self._row_offsets(plan))
@@ -183,8 +200,7 @@ class _CompiledBackend(Backend):
         """One op: segment sums, guidance.finalize's math (finalize_row in csrc/sgg_common.h),
         and each relative segment's new (ν, initialised) written into ``plan.seg_nus`` in place
         unless the step is skipped."""
-        return _ext.ops().sgg_finalize(partials.values, self._seg_offsets(plan, partials), plan.hyper(),
-                                       plan.seg_nus)
+        return _ext.ops().sgg_finalize(partials.values, self._seg_offsets(plan, partials), plan.hyper(), plan.seg_nus)
 
     def _placeholder(self, plan: StepPlan) -> torch.Tensor:
         """The no-elements tensor standing for "no reference" in the ops' mutable refs list."""
@@ -200,9 +216,27 @@ class _CompiledBackend(Backend):
         vmax = plan.max_exp_avg_sqs
         vmax = [none if t is None else t for t in vmax] if any(t is not None for t in vmax) else []
         ws, ws_host = self._ws(plan, "apply")
-        ops.sgg_adamw_apply(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.steps, refs,
-                            out, plan.seg_of_param, h["lr"], h["beta1"], h["beta2"], h["eps"],
-                            h["weight_decay"], h["ref_beta"], h["ref_mode"], h["lr_tensors"], vmax, ws, ws_host)
+        ops.sgg_adamw_apply(
+            plan.params,
+            plan.grads,
+            plan.exp_avgs,
+            plan.exp_avg_sqs,
+            plan.steps,
+            refs,
+            out,
+            plan.seg_of_param,
+            h["lr"],
+            h["beta1"],
+            h["beta2"],
+            h["eps"],
+            h["weight_decay"],
+            h["ref_beta"],
+            h["ref_mode"],
+            h["lr_tensors"],
+            vmax,
+            ws,
+            ws_host,
+        )
 
     def guide(self, plan: StepPlan, out: torch.Tensor) -> None:
         ops = _ext.ops()
@@ -210,14 +244,15 @@ class _CompiledBackend(Backend):
         ws, ws_host = self._ws(plan, "guide")
         none = self._placeholder(plan)
         refs = [none if r is None else r for r in plan.refs]
-        ops.sgg_guide_apply(plan.grads, refs, out, plan.seg_of_param, h["ref_beta"], h["ref_mode"],
-                            ws, ws_host)
+        ops.sgg_guide_apply(plan.grads, refs, out, plan.seg_of_param, h["ref_beta"], h["ref_mode"], ws, ws_host)
 
 
 class CpuBackend(_CompiledBackend):
     name = "cpu"
-    description = ("compiled C++ (csrc/cpu): at::parallel_for + at::vec, three op calls per step, "
-                   "bitwise deterministic for any thread count")
+    description = (
+        "compiled C++ (csrc/cpu): at::parallel_for + at::vec, three op calls per step, "
+        "bitwise deterministic for any thread count"
+    )
     device_types = ("cpu",)
     # before torch (100) for CPU tensors
     auto_priority = {"cpu": 50}
@@ -227,8 +262,9 @@ class CpuBackend(_CompiledBackend):
 
 class CudaBackend(_CompiledBackend):
     name = "cuda"
-    description = ("compiled CUDA (csrc/cuda): multi-tensor kernels, three launches per step, "
-                   "no host sync, CUDA-graph capturable")
+    description = (
+        "compiled CUDA (csrc/cuda): multi-tensor kernels, three launches per step, no host sync, CUDA-graph capturable"
+    )
     device_types = ("cuda",)
     # After triton, before torch, until the H200 benchmark (benchmarks/gpu_check.sh) decides:
     # the CUDA kernels have not yet run on a GPU (see README, "Compiled backends").
@@ -242,8 +278,10 @@ class CudaBackend(_CompiledBackend):
 
     def _loaded_reasons(self) -> list[str]:
         if not _ext.has_cuda_kernels():
-            return ["the compiled extension was built without CUDA kernels (nvcc was not found at build "
-                    "time); rebuild with nvcc on PATH or SGG_FAST_FORCE_CUDA=1 (see README)"]
+            return [
+                "the compiled extension was built without CUDA kernels (nvcc was not found at build "
+                "time); rebuild with nvcc on PATH or SGG_FAST_FORCE_CUDA=1 (see README)"
+            ]
         return []
 
     def _ws(self, plan: StepPlan, which: str):

@@ -69,8 +69,9 @@ def _sum_squares(a: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     if a.numel() <= _ROW:
         return torch.linalg.vector_norm(a, dtype=acc).square()
     full, tail = _rows(a)
-    parts = torch.cat([torch.linalg.vector_norm(full, dim=1, dtype=acc),
-                       torch.linalg.vector_norm(tail, dtype=acc).reshape(1)])
+    parts = torch.cat(
+        [torch.linalg.vector_norm(full, dim=1, dtype=acc), torch.linalg.vector_norm(tail, dtype=acc).reshape(1)]
+    )
     return parts.square().sum()
 
 
@@ -166,8 +167,8 @@ def apply_adamw(plan: StepPlan, out: torch.Tensor) -> None:
         # bias corrections in float64 on the host, as torch.optim.AdamW (foreach) computes them
         torch._foreach_add_(steps, 1)
         ts = torch.stack([s.reshape(()).to(torch.float64) for s in steps]).cpu().tolist()
-        step_size = [-(lr / (1 - b1 ** t)) for t in ts]
-        bc2_sqrt = [(1 - b2 ** t) ** 0.5 for t in ts]
+        step_size = [-(lr / (1 - b1**t)) for t in ts]
+        bc2_sqrt = [(1 - b2**t) ** 0.5 for t in ts]
 
         # p ← p·(1 - lr·wd);  p ← p - lr/(1-β1^t) · m / (√v/√(1-β2^t) + eps)
         torch._foreach_mul_(p32, 1 - lr * wd)
@@ -234,13 +235,12 @@ def finalize(plan: StepPlan, partials: Partials) -> torch.Tensor:
         red = torch.zeros(S, 4, dtype=values.dtype, device=values.device)
         values = red.index_add_(0, seg, values)
     dev = values.device
-    nu = (torch.stack([t.to(dev) for t in plan.seg_nus]) if plan.seg_nus
-          else torch.zeros(0, 2, device=dev))
+    nu = torch.stack([t.to(dev) for t in plan.seg_nus]) if plan.seg_nus else torch.zeros(0, 2, device=dev)
     out = G.finalize(values, plan.hyper(values.dtype).to(dev), nu.to(values.dtype))
     if not _skipped(out):
         rel = [s for s, seg in enumerate(plan.segments) if seg.group["mag_mode"] == "relative"]
         if rel:
-            new = out[:, G.O_NU:G.O_NUINIT + 1].to(torch.float32)
+            new = out[:, G.O_NU : G.O_NUINIT + 1].to(torch.float32)
             torch._foreach_copy_([plan.seg_nus[s] for s in rel], [new[s] for s in rel])
     return out
 
@@ -258,8 +258,11 @@ class TorchBackend(Backend):
 
     def not_supported_reasons(self, plan):
         # runs anywhere, several devices included (statistics meet on the first tensor's device)
-        return [f"torch does not support {str(dt).replace('torch.', '')} parameters"
-                for dt in plan.dtypes if dt not in self.dtypes]
+        return [
+            f"torch does not support {str(dt).replace('torch.', '')} parameters"
+            for dt in plan.dtypes
+            if dt not in self.dtypes
+        ]
 
     def stats(self, plan):
         return tensor_stats(plan)

@@ -67,22 +67,22 @@ class _Tables:
     """Per-optimizer cache of the device tables (lives in ``plan.cache.triton``)."""
 
     def __init__(self):
-        self.struct_key = None     # what the chunk table / static columns were built for
-        self.ptrs = None           # the addresses the device meta table holds
-        self.meta_host = None      # int64 [P, META_COLS] host copy (mutated in place)
-        self.meta = None           # device copy
-        self.chunks = None         # int64 [C, 2] on the device
-        self.seg_offsets = None    # host list [S + 1]: first chunk of each segment
-        self.partials = None       # float32 [C, 4] on the device
-        self.steps_old = None      # float32 [P] on the device
-        self.dt = None             # common element type code, or DT_MIXED
-        self.aligned = False       # some tensor is 16-byte aligned (compile the vector path)
-        self.flags = None          # int64 [P] FLAGS without F_ALIGNED (host)
+        self.struct_key = None  # what the chunk table / static columns were built for
+        self.ptrs = None  # the addresses the device meta table holds
+        self.meta_host = None  # int64 [P, META_COLS] host copy (mutated in place)
+        self.meta = None  # device copy
+        self.chunks = None  # int64 [C, 2] on the device
+        self.seg_offsets = None  # host list [S + 1]: first chunk of each segment
+        self.partials = None  # float32 [C, 4] on the device
+        self.steps_old = None  # float32 [P] on the device
+        self.dt = None  # common element type code, or DT_MIXED
+        self.aligned = False  # some tensor is 16-byte aligned (compile the vector path)
+        self.flags = None  # int64 [P] FLAGS without F_ALIGNED (host)
         self.chunk = None
         self.hyper_key = None
-        self.hyper = None          # float32 [NG, HYP_COLS] on the device
-        self.segs = {}             # key -> int64 [S, SEG_COLS] on the device
-        self.plan = None           # weakref to the plan the tables were last validated for
+        self.hyper = None  # float32 [NG, HYP_COLS] on the device
+        self.segs = {}  # key -> int64 [S, SEG_COLS] on the device
+        self.plan = None  # weakref to the plan the tables were last validated for
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -95,14 +95,20 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
             "sgg_fast (backend='triton'): the tensors (addresses, sizes) or settings of the step "
             "changed during CUDA graph capture, so a device table would have to be uploaded inside "
             "the graph. Run one eager step with the same tensors and settings before capturing; "
-            "for an lr schedule inside a graph, give the param_group a float32 tensor lr on the device.")
+            "for an lr schedule inside a graph, give the param_group a float32 tensor lr on the device."
+        )
     return host.pin_memory().to(device, non_blocking=True)
 
 
 def _device_lr(lr, dev: torch.device | None) -> bool:
     """``lr`` is a tensor the apply kernel can read on ``dev``: one float32 element there."""
-    return (isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.dtype == torch.float32
-            and dev is not None and lr.device == dev)
+    return (
+        isinstance(lr, torch.Tensor)
+        and lr.numel() == 1
+        and lr.dtype == torch.float32
+        and dev is not None
+        and lr.device == dev
+    )
 
 
 def _params_device(group: dict) -> torch.device | None:
@@ -127,10 +133,14 @@ class TritonBackend(Backend):
     @property
     def description(self) -> str:  # type: ignore[override]
         if interpreting():
-            return ("Triton kernels through TRITON_INTERPRET=1 on CPU tensors (slow: for tests; "
-                    "unset it for CUDA tensors); 3 launches per step")
-        return ("Triton multi-tensor kernels on CUDA: 3 launches per step (statistics, finalize, "
-                "apply); CPU tensors only through TRITON_INTERPRET=1, for tests")
+            return (
+                "Triton kernels through TRITON_INTERPRET=1 on CPU tensors (slow: for tests; "
+                "unset it for CUDA tensors); 3 launches per step"
+            )
+        return (
+            "Triton multi-tensor kernels on CUDA: 3 launches per step (statistics, finalize, "
+            "apply); CPU tensors only through TRITON_INTERPRET=1, for tests"
+        )
 
     @property
     def device_types(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -142,8 +152,10 @@ class TritonBackend(Backend):
         if interpreting():
             return []
         if not torch.cuda.is_available():
-            return ["no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors through "
-                    "Triton's interpreter: slow, for tests)"]
+            return [
+                "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors through "
+                "Triton's interpreter: slow, for tests)"
+            ]
         return []
 
     def not_supported_reasons(self, plan: StepPlan) -> list[str]:
@@ -164,8 +176,7 @@ class TritonBackend(Backend):
             out.append(msg)
             return limit is not None and len(out) >= limit
 
-        lists: list[tuple[str, Sequence[torch.Tensor | None]]] = [("parameter", plan.params),
-                                                                   ("gradient", plan.grads)]
+        lists: list[tuple[str, Sequence[torch.Tensor | None]]] = [("parameter", plan.params), ("gradient", plan.grads)]
         if len(plan.exp_avgs) == P:
             lists += [("exp_avg", plan.exp_avgs), ("exp_avg_sq", plan.exp_avg_sqs)]
         if len(plan.refs) == P:
@@ -175,24 +186,31 @@ class TritonBackend(Backend):
                 if t is None:
                     continue
                 if not t.is_contiguous():
-                    if add(f"triton needs contiguous tensors: the {what} of {plan.label(i)} "
-                           f"({describe(t)}) is not (call .contiguous() on it, or use backend='torch')"):
+                    if add(
+                        f"triton needs contiguous tensors: the {what} of {plan.label(i)} "
+                        f"({describe(t)}) is not (call .contiguous() on it, or use backend='torch')"
+                    ):
                         return out
                 elif t.dtype != plan.params[i].dtype or t.device != plan.params[i].device:
-                    if add(f"triton needs every tensor of a parameter in its dtype and device: the {what} "
-                           f"of {plan.label(i)} is {describe(t)}, the parameter "
-                           f"{describe(plan.params[i])} (use backend='torch')"):
+                    if add(
+                        f"triton needs every tensor of a parameter in its dtype and device: the {what} "
+                        f"of {plan.label(i)} is {describe(t)}, the parameter "
+                        f"{describe(plan.params[i])} (use backend='torch')"
+                    ):
                         return out
         for i, t in enumerate(plan.steps):
-            if t is not None and (t.dtype != torch.float32 or t.numel() != 1
-                                  or t.device != plan.params[i].device):
-                if add(f"triton keeps state['step'] as a one-element float32 tensor on the "
-                       f"parameter's device; that of {plan.label(i)} is {describe(t)}"):
+            if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != plan.params[i].device):
+                if add(
+                    f"triton keeps state['step'] as a one-element float32 tensor on the "
+                    f"parameter's device; that of {plan.label(i)} is {describe(t)}"
+                ):
                     return out
         for s, t in enumerate(plan.seg_nus):
             if t.dtype != torch.float32 or t.numel() != 2 or not t.is_contiguous() or t.device != plan.home:
-                if add(f"triton keeps each segment's (norm_ema, initialised) as a contiguous float32 [2] "
-                       f"tensor on {plan.home}; that of segment {plan.segments[s].label} is {describe(t)}"):
+                if add(
+                    f"triton keeps each segment's (norm_ema, initialised) as a contiguous float32 [2] "
+                    f"tensor on {plan.home}; that of segment {plan.segments[s].label} is {describe(t)}"
+                ):
                     return out
         return out
 
@@ -206,9 +224,11 @@ class TritonBackend(Backend):
             return tab
         kstats, _, L = _kernels()
         if plan.home.type == "cpu" and not kstats._stats_kernel.__class__.__name__.startswith("Interpret"):
-            raise RuntimeError("backend='triton' got CPU tensors but triton was imported without "
-                               "TRITON_INTERPRET=1; set it before anything imports triton, or use "
-                               "backend='torch' for CPU tensors.")
+            raise RuntimeError(
+                "backend='triton' got CPU tensors but triton was imported without "
+                "TRITON_INTERPRET=1; set it before anything imports triton, or use "
+                "backend='torch' for CPU tensors."
+            )
         P = len(plan.params)
         dev = plan.home
         has_state = len(plan.exp_avgs) == P
@@ -245,12 +265,24 @@ class TritonBackend(Backend):
             flags.append(f)
             numels.append(p.numel())
         if any(f & 3 == 3 for f in flags):
-            raise RuntimeError("backend='triton' supports float32, bfloat16 and float16 parameters; "
-                               + ", ".join(f"{plan.label(i)} is {plan.params[i].dtype}"
-                                           for i, p in enumerate(plan.params) if p.dtype not in _DT_CODE))
+            raise RuntimeError(
+                "backend='triton' supports float32, bfloat16 and float16 parameters; "
+                + ", ".join(
+                    f"{plan.label(i)} is {plan.params[i].dtype}"
+                    for i, p in enumerate(plan.params)
+                    if p.dtype not in _DT_CODE
+                )
+            )
 
-        struct_key = (dev, chunk, tuple(numels), tuple(flags), tuple(plan.seg_of_param),
-                      tuple(plan.group_index), has_steps)
+        struct_key = (
+            dev,
+            chunk,
+            tuple(numels),
+            tuple(flags),
+            tuple(plan.seg_of_param),
+            tuple(plan.group_index),
+            has_steps,
+        )
         if struct_key != tab.struct_key:
             self._build_structure(tab, plan, numels, flags, chunk, dev, L)
             tab.struct_key = struct_key
@@ -280,8 +312,10 @@ class TritonBackend(Backend):
         else:
             for i, g in enumerate(plan.grads):
                 if not g.is_contiguous():
-                    raise RuntimeError(f"backend='triton' needs contiguous gradients: that of "
-                                       f"{plan.label(i)} ({describe(g)}) is not (use backend='torch')")
+                    raise RuntimeError(
+                        f"backend='triton' needs contiguous gradients: that of "
+                        f"{plan.label(i)} ({describe(g)}) is not (use backend='torch')"
+                    )
         if changed:
             host = tab.meta_host
             for k in changed:
@@ -306,10 +340,10 @@ class TritonBackend(Backend):
     def _build_structure(tab, plan, numels, flags, chunk, dev, L) -> None:
         P = len(numels)
         n = torch.tensor(numels, dtype=torch.int64)
-        per = torch.clamp((n + chunk - 1) // chunk, min=1)     # >= 1 chunk per tensor
+        per = torch.clamp((n + chunk - 1) // chunk, min=1)  # >= 1 chunk per tensor
         C = int(per.sum())
         rows = torch.repeat_interleave(torch.arange(P, dtype=torch.int64), per)
-        first = torch.cumsum(per, 0) - per                     # first chunk of each tensor
+        first = torch.cumsum(per, 0) - per  # first chunk of each tensor
         starts = (torch.arange(C, dtype=torch.int64) - first[rows]) * chunk
         tab.chunks = _upload(torch.stack([rows, starts], dim=1).contiguous(), dev)
         first_l = first.tolist()
@@ -342,8 +376,14 @@ class TritonBackend(Backend):
             # a float32 tensor lr on the step's device is read by the kernel (meta column LR): never
             # float() it (a host sync); any other tensor lr is read here, on the host
             lr = 0.0 if _device_lr(lr, _params_device(group)) else float(lr)
-            return (lr, float(group["weight_decay"]), float(group["eps"]), float(b1),
-                    float(b2), float(group["ref_beta"]))
+            return (
+                lr,
+                float(group["weight_decay"]),
+                float(group["eps"]),
+                float(b1),
+                float(b2),
+                float(group["ref_beta"]),
+            )
         return (0.0, 0.0, 0.0, 0.0, 0.0, float(group["ref_beta"]))
 
     @staticmethod
@@ -377,8 +417,16 @@ class TritonBackend(Backend):
         kstats, _, _ = _kernels()
         tab = self._tables(plan)
         with _on(plan.home):
-            kstats.launch_stats(tab.meta, tab.chunks, tab.partials, tab.steps_old, chunk=tab.chunk,
-                                dt=tab.dt, aligned=tab.aligned, copy_steps=len(plan.steps) == len(plan.params))
+            kstats.launch_stats(
+                tab.meta,
+                tab.chunks,
+                tab.partials,
+                tab.steps_old,
+                chunk=tab.chunk,
+                dt=tab.dt,
+                aligned=tab.aligned,
+                copy_steps=len(plan.steps) == len(plan.params),
+            )
         return Partials(tab.partials, list(tab.seg_offsets))
 
     def reduce(self, plan: StepPlan, partials: Partials) -> Partials:
@@ -419,15 +467,15 @@ class TritonBackend(Backend):
         _, kapply, _ = _kernels()
         tab = self._tables(plan)
         with _on(plan.home):
-            kapply.launch_apply(tab.meta, tab.chunks, tab.hyper, out, tab.steps_old, chunk=tab.chunk,
-                                dt=tab.dt, aligned=tab.aligned)
+            kapply.launch_apply(
+                tab.meta, tab.chunks, tab.hyper, out, tab.steps_old, chunk=tab.chunk, dt=tab.dt, aligned=tab.aligned
+            )
 
     def guide(self, plan: StepPlan, out: torch.Tensor) -> None:
         _, kapply, _ = _kernels()
         tab = self._tables(plan)
         with _on(plan.home):
-            kapply.launch_guide(tab.meta, tab.chunks, tab.hyper, out, chunk=tab.chunk, dt=tab.dt,
-                                aligned=tab.aligned)
+            kapply.launch_guide(tab.meta, tab.chunks, tab.hyper, out, chunk=tab.chunk, dt=tab.dt, aligned=tab.aligned)
 
 
 register(TritonBackend())

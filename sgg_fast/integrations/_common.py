@@ -30,15 +30,16 @@ def magnitude_control(opt: SGGAdamW) -> float:
 
 
 def clipping_message(who: str, max_norm: float, lambda_mag: float, fix: str) -> str:
-    return (f"sgg_fast: {who} clips the gradient norm to {max_norm} before SGGAdamW's step, whose "
-            f"magnitude control (lambda_mag={lambda_mag}) bounds the same norm: the gradient is clipped "
-            "twice and SGG's statistics (last_stats(), its running norm) see the clipped gradient. "
-            f"{fix} For the hard clip inside SGG use lambda_mag=1, mag_mode='absolute', "
-            f"max_norm={max_norm}, granularity='global'; to keep {who}'s clipping alone use lambda_mag=0.")
+    return (
+        f"sgg_fast: {who} clips the gradient norm to {max_norm} before SGGAdamW's step, whose "
+        f"magnitude control (lambda_mag={lambda_mag}) bounds the same norm: the gradient is clipped "
+        "twice and SGG's statistics (last_stats(), its running norm) see the clipped gradient. "
+        f"{fix} For the hard clip inside SGG use lambda_mag=1, mag_mode='absolute', "
+        f"max_norm={max_norm}, granularity='global'; to keep {who}'s clipping alone use lambda_mag=0."
+    )
 
 
-def warn_double_clipping(who: str, max_norm: float | None, opt: SGGAdamW | None, fix: str,
-                         stacklevel: int = 3) -> bool:
+def warn_double_clipping(who: str, max_norm: float | None, opt: SGGAdamW | None, fix: str, stacklevel: int = 3) -> bool:
     """Warn when ``who`` clips (``max_norm > 0``) before an ``SGGAdamW`` with magnitude control;
     returns whether it warned."""
     lam = magnitude_control(opt) if opt is not None else 0.0
@@ -59,9 +60,13 @@ class SkipTracker:
     def read(self, opt: SGGAdamW) -> int:
         n = int(opt.skipped_steps())
         if n > self.last:
-            warnings.warn(f"sgg_fast: SGGAdamW skipped {n - self.last} step(s) for non-finite gradients "
-                          f"since the last {self.who} log ({n} in all): the parameters did not move on those "
-                          "steps (nonfinite='skip')", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"sgg_fast: SGGAdamW skipped {n - self.last} step(s) for non-finite gradients "
+                f"since the last {self.who} log ({n} in all): the parameters did not move on those "
+                "steps (nonfinite='skip')",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.last = n
         return n
 

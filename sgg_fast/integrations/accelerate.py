@@ -55,8 +55,9 @@ def clip_grad_norm_(accelerator: Any, parameters, max_norm: float, optimizer: An
     opt = unwrap(optimizer)
     if opt not in _warned and magnitude_control(opt) > 0:
         _warned.add(opt)
-        warn_double_clipping("accelerator.clip_grad_norm_", max_norm, opt,
-                             "Drop the clip_grad_norm_ call.", stacklevel=3)
+        warn_double_clipping(
+            "accelerator.clip_grad_norm_", max_norm, opt, "Drop the clip_grad_norm_ call.", stacklevel=3
+        )
     return accelerator.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
 
 

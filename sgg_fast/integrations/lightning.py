@@ -31,8 +31,7 @@ def _pl():
         try:
             import pytorch_lightning as pl
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("sgg_fast.integrations.lightning needs `lightning` "
-                              "(pip install lightning)") from e
+            raise ImportError("sgg_fast.integrations.lightning needs `lightning` (pip install lightning)") from e
     return pl
 
 
@@ -52,8 +51,13 @@ class _SGGCallbackMixin:
         if not self.warn_clipping:
             return
         for opt in sgg_optimizers(trainer):
-            if warn_double_clipping("Lightning (Trainer(gradient_clip_val=...))", trainer.gradient_clip_val, opt,
-                                    "Leave gradient_clip_val unset.", stacklevel=2):
+            if warn_double_clipping(
+                "Lightning (Trainer(gradient_clip_val=...))",
+                trainer.gradient_clip_val,
+                opt,
+                "Leave gradient_clip_val unset.",
+                stacklevel=2,
+            ):
                 break
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -74,8 +78,11 @@ def __getattr__(name: str):
     # built on first use (derives from Lightning's Callback), so importing this module imports
     # no Lightning
     if name == "SGGCallback":
-        cls = type("SGGCallback", (_SGGCallbackMixin, _pl().Callback), {
-            "__doc__": "Lightning ``Callback`` for ``SGGAdamW`` (module docstring).", "__module__": __name__})
+        cls = type(
+            "SGGCallback",
+            (_SGGCallbackMixin, _pl().Callback),
+            {"__doc__": "Lightning ``Callback`` for ``SGGAdamW`` (module docstring).", "__module__": __name__},
+        )
         globals()["SGGCallback"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -56,8 +56,10 @@ def _trainer_cls():
     try:
         from transformers import Trainer
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("sgg_fast.integrations.transformers needs `transformers` (and `accelerate` for "
-                          "Trainer): pip install 'sgg_fast[eval]'") from e
+        raise ImportError(
+            "sgg_fast.integrations.transformers needs `transformers` (and `accelerate` for "
+            "Trainer): pip install 'sgg_fast[eval]'"
+        ) from e
     return Trainer
 
 
@@ -96,10 +98,15 @@ def resolve_trainer_clipping(args: Any, lambda_mag: float, trainer_clipping: str
         return
     fix = "Pass args=sgg_training_args(args) to Trainer (a copy with max_grad_norm=0)."
     if trainer_clipping == "error":
-        raise ValueError(clipping_message("Trainer (TrainingArguments.max_grad_norm)", max_grad_norm,
-                                          lambda_mag, fix) + " (trainer_clipping='error'; both clip)")
-    warnings.warn(clipping_message("Trainer (TrainingArguments.max_grad_norm)", max_grad_norm, lambda_mag, fix),
-                  UserWarning, stacklevel=3)
+        raise ValueError(
+            clipping_message("Trainer (TrainingArguments.max_grad_norm)", max_grad_norm, lambda_mag, fix)
+            + " (trainer_clipping='error'; both clip)"
+        )
+    warnings.warn(
+        clipping_message("Trainer (TrainingArguments.max_grad_norm)", max_grad_norm, lambda_mag, fix),
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def sgg_training_args(args: Any, **sgg_kwargs: Any) -> Any:
@@ -118,14 +125,20 @@ def sgg_optimizer_kwargs(args: Any, trainer_clipping: str = "warn", **sgg_kwargs
     unknown = set(sgg_kwargs) - set(GUIDANCE_DEFAULTS) - {"lr", "betas", "eps", "weight_decay", "backend"}
     if unknown:
         raise TypeError(f"unknown SGGAdamW arguments {sorted(unknown)}")
-    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
-              "weight_decay": args.weight_decay, **sgg_kwargs}
+    kwargs = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+        **sgg_kwargs,
+    }
     resolve_trainer_clipping(args, _lambda_mag(kwargs), trainer_clipping)
     return kwargs
 
 
-def create_sgg_optimizer(model: torch.nn.Module, args: Any, trainer: Any = None,
-                         trainer_clipping: str = "warn", **sgg_kwargs: Any) -> SGGAdamW:
+def create_sgg_optimizer(
+    model: torch.nn.Module, args: Any, trainer: Any = None, trainer_clipping: str = "warn", **sgg_kwargs: Any
+) -> SGGAdamW:
     """The optimizer ``Trainer.create_optimizer`` would build for AdamW, as an ``SGGAdamW``.
 
     Use as ``Trainer(model, args, optimizers=(create_sgg_optimizer(model, args, ...), None))``.
@@ -141,8 +154,9 @@ def create_sgg_optimizer(model: torch.nn.Module, args: Any, trainer: Any = None,
     return SGGAdamW(decay_parameter_groups(model, args.weight_decay, trainer), **kwargs)
 
 
-def sgg_optimizer_cls_and_kwargs(args: Any, trainer_clipping: str = "warn",
-                                 **sgg_kwargs: Any) -> tuple[type, dict[str, Any]]:
+def sgg_optimizer_cls_and_kwargs(
+    args: Any, trainer_clipping: str = "warn", **sgg_kwargs: Any
+) -> tuple[type, dict[str, Any]]:
     """``(SGGAdamW, kwargs)`` for ``Trainer(..., optimizer_cls_and_kwargs=...)``; Trainer then
     builds its own decay / no-decay groups (whose ``weight_decay`` wins over the default here)."""
     return SGGAdamW, sgg_optimizer_kwargs(args, trainer_clipping, **sgg_kwargs)
@@ -169,8 +183,12 @@ class _SGGCallbackMixin:
         opt = unwrap_optimizer(optimizer)
         if self.warn_clipping and not self.warned_clipping:
             self.warned_clipping = warn_double_clipping(
-                "Trainer (TrainingArguments.max_grad_norm)", getattr(args, "max_grad_norm", 0), opt,
-                "Pass args=sgg_training_args(args) to Trainer (a copy with max_grad_norm=0).", stacklevel=2)
+                "Trainer (TrainingArguments.max_grad_norm)",
+                getattr(args, "max_grad_norm", 0),
+                opt,
+                "Pass args=sgg_training_args(args) to Trainer (a copy with max_grad_norm=0).",
+                stacklevel=2,
+            )
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer)
@@ -187,9 +205,14 @@ def __getattr__(name: str):
     # SGGCallback derives from transformers.TrainerCallback: built on first use, so importing
     # this module does not import transformers
     if name == "SGGCallback":
-        cls = type("SGGCallback", (_SGGCallbackMixin, _callback_base()), {
-            "__doc__": "``transformers.TrainerCallback`` for ``SGGAdamW`` (module docstring: Callback).",
-            "__module__": __name__})
+        cls = type(
+            "SGGCallback",
+            (_SGGCallbackMixin, _callback_base()),
+            {
+                "__doc__": "``transformers.TrainerCallback`` for ``SGGAdamW`` (module docstring: Callback).",
+                "__module__": __name__,
+            },
+        )
         globals()["SGGCallback"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
