@@ -10,6 +10,11 @@ before this step (``exp_avg`` itself for ``reference="momentum"``)::
     m ← β1·m + (1-β1)·u ;  v ← β2·v + (1-β2)·u²
     p ← p·(1 - lr·wd) - lr/(1-β1^t) · m / (√v/√(1-β2^t) + eps),   t = step + 1
 
+amsgrad (per tensor: meta column ``VM`` non-zero): ``vm ← max(vm, v)`` (NaN-propagating, like
+``torch.maximum``; ``v`` in fp32 before it is rounded to the element type) and ``vm`` replaces
+``v`` in the denominator. The constexpr ``AMS`` compiles that path only when some tensor of the
+step has it; with ``AMS=False`` the kernel is the plain AdamW one.
+
 α, β (per segment) and the skip flag come from the finalize output on the device; a skipped step
 runs no iteration and writes nothing. Learning rate, betas, eps, weight decay and ref_beta come
 from a per-group table and the step counts from a scratch copy the statistics launch made: all
@@ -44,6 +49,7 @@ _SEG = tl.constexpr(L.SEG)
 _GROUP = tl.constexpr(L.GROUP)
 _FLAGS = tl.constexpr(L.FLAGS)
 _LR = tl.constexpr(L.LR)
+_VM_ = tl.constexpr(L.VM)
 _R_READ = tl.constexpr(L.R_READ)
 _R_EMA = tl.constexpr(L.R_EMA)
 _R_IS_M = tl.constexpr(L.R_IS_M)
@@ -116,10 +122,11 @@ def _one_minus_pow(ln_b, t):
 
 
 @triton.jit
-def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, mask, code, read_r, is_ema, is_m,
+def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, mask, code, read_r, is_ema, is_m,
                  alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
-                 DT: tl.constexpr, ALIGNED: tl.constexpr):
-    """DESIGN §1 D on one block: u = α·g + β·r, the ema update, m, v, p (fp32 registers).
+                 DT: tl.constexpr, ALIGNED: tl.constexpr, AMS: tl.constexpr):
+    """DESIGN §1 D on one block: u = α·g + β·r, the ema update, m, v, p (fp32 registers);
+    ``AMS``: amsgrad, ``vm ← max(vm, v)`` in the denominator (``vm_addr`` is read only then).
 
     ``bc2``: √(1-β2^t) under the interpreter (IEEE sqrt and divisions: the bits of the torch
     and CPU backends), its reciprocal when compiled (one multiply; the GPU's sqrt and division
@@ -134,21 +141,29 @@ def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, mask, code, read_
     _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT, ALIGNED)
     m = b1 * m + omb1 * u
     v = b2 * v + omb2 * (u * u)
+    if AMS:
+        vm = _load_f32(vm_addr, offs, mask, code, DT, ALIGNED)
+        vm = tl.maximum(vm, v, propagate_nan=tl.PropagateNan.ALL)
+        vd = vm
+    else:
+        vd = v
     if INTERPRET:
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2) + eps
+        denom = tl.div_rn(tl.sqrt_rn(vd), bc2) + eps
         p = p * decay - step_size * tl.div_rn(m, denom)
     else:
-        denom = tl.sqrt(v) * bc2 + eps
+        denom = tl.sqrt(vd) * bc2 + eps
         p = p * decay - step_size * (m / denom)
     _store_as(p_addr, offs, p, mask, code, DT, ALIGNED)
     _store_as(m_addr, offs, m, mask, code, DT, ALIGNED)
     _store_as(v_addr, offs, v, mask, code, DT, ALIGNED)
+    if AMS:
+        _store_as(vm_addr, offs, vm, mask, code, DT, ALIGNED)
 
 
 @triton.jit
-def _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, start, n_full, code, read_r, is_ema, is_m,
+def _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, code, read_r, is_ema, is_m,
                 alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
-                BLOCK: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr):
+                BLOCK: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr, AMS: tl.constexpr):
     """The full blocks [start, start + n_full) of a chunk (VEC: 16-byte aligned addresses)."""
     full = tl.full([BLOCK], 1, tl.int1)
     for k in range(0, n_full, BLOCK):
@@ -156,8 +171,34 @@ def _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, start, n_full, code, rea
         if VEC:
             base = tl.multiple_of(base, 16)
         offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
-        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, full, code, read_r, is_ema, is_m,
-                     alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, DT, VEC)
+        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, full, code, read_r, is_ema, is_m,
+                     alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, DT, VEC, AMS)
+
+
+@triton.jit
+def _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, code, read_r,
+                 is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
+                 BLOCK: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr, AMS: tl.constexpr):
+    """The ``n_here`` elements of a chunk from ``start``: full blocks without a bounds mask (a
+    uniform mask lets loads vectorise), 16-byte vector accesses for a tensor whose addresses are
+    aligned (its FLAGS bit), then the tail."""
+    n_full = (n_here // BLOCK) * BLOCK
+    if ALIGNED:
+        if (flags & _F_ALIGNED) != 0:
+            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, code, read_r, is_ema,
+                        is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT,
+                        True, AMS)
+        else:
+            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, code, read_r, is_ema,
+                        is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT,
+                        False, AMS)
+    else:
+        _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, code, read_r, is_ema, is_m,
+                    alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT, False, AMS)
+    if n_full < n_here:
+        offs = start + n_full + tl.arange(0, BLOCK)
+        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, offs < numel, code, read_r, is_ema,
+                     is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, DT, False, AMS)
 
 
 @triton.jit
@@ -171,6 +212,7 @@ def _apply_kernel(
     BLOCK: tl.constexpr,    # elements per inner iteration
     DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS)
     ALIGNED: tl.constexpr,  # some tensor is 16-byte aligned: compile the vector path (FLAGS bit 7 picks it)
+    AMS: tl.constexpr = False,  # some tensor has amsgrad: compile its path (meta column VM != 0 picks it)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(chunks_ptr + pid * 2)
@@ -220,37 +262,36 @@ def _apply_kernel(
         bc2 = tl.div_rn(1.0, bc2_sqrt)                    # 1/√(1 - β2^t), once per program
 
     n_here = tl.where(live, tl.minimum(numel - start, CHUNK), 0)  # skipped step: no iteration
-    n_full = (n_here // BLOCK) * BLOCK
-    # full blocks without a bounds mask (a uniform mask lets loads vectorise), 16-byte vector
-    # accesses for a tensor whose addresses are aligned (its FLAGS bit), then the tail
-    if ALIGNED:
-        if (flags & _F_ALIGNED) != 0:
-            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, start, n_full, code, read_r, is_ema, is_m,
-                        alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT, True)
+    if AMS:
+        vm_addr = tl.load(mrow + _VM_)
+        if vm_addr != 0:
+            _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, code,
+                         read_r, is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb,
+                         omrb, BLOCK, DT, ALIGNED, True)
         else:
-            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, start, n_full, code, read_r, is_ema, is_m,
-                        alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT, False)
+            _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, code,
+                         read_r, is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb,
+                         omrb, BLOCK, DT, ALIGNED, False)
     else:
-        _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, start, n_full, code, read_r, is_ema, is_m,
-                    alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT, False)
-    if n_full < n_here:
-        offs = start + n_full + tl.arange(0, BLOCK)
-        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, offs, offs < numel, code, read_r, is_ema,
-                     is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, DT, False)
+        _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, g_addr, start, n_here, numel, flags, code,
+                     read_r, is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb,
+                     omrb, BLOCK, DT, ALIGNED, False)
 
     first = live & (start == 0)
     step_addr = tl.load(mrow + _STEP)
     tl.store(step_addr.to(tl.pointer_type(tl.float32)), t, mask=first & ((flags & _F_STEP) != 0))
 
 
-def launch_apply(meta, chunks, hyper, out, steps_old, *, chunk: int, dt: int, aligned: bool) -> None:
-    """Launch 3 (SGGAdamW): the guided AdamW update of every tensor; one program per chunk."""
+def launch_apply(meta, chunks, hyper, out, steps_old, *, chunk: int, dt: int, aligned: bool,
+                 amsgrad: bool = False) -> None:
+    """Launch 3 (SGGAdamW): the guided AdamW update of every tensor; one program per chunk.
+    ``amsgrad``: some tensor has a ``max_exp_avg_sq`` (meta column VM)."""
     C = chunks.shape[0]
     if C == 0:
         return
     count_launch("apply")
     _apply_kernel[(C,)](meta, chunks, hyper, out, steps_old, CHUNK=chunk, BLOCK=BLOCK, DT=dt,
-                        ALIGNED=aligned, num_warps=NUM_WARPS)
+                        ALIGNED=aligned, AMS=amsgrad, num_warps=NUM_WARPS)
 
 
 @triton.jit

@@ -17,13 +17,14 @@ order (tensors of one segment are contiguous):
 ``GROUP``   row of the per-group AdamW hyper-parameter table
 ``FLAGS``   bit field, below
 ``LR``      address of the group's float32 tensor ``lr`` (0: the hyper table's ``H_LR``)
+``VM``      address of ``max_exp_avg_sq`` (apply only; 0: amsgrad is off for this tensor's group)
 ==========  ==================================================================================
 
 ``FLAGS``: bits 0-1 the element type (:data:`DT_CODES`), bits 2-3 the reference kind
 (:data:`R_NONE` ... :data:`R_IS_M`), bit 4 ``pp`` wanted, bit 5 has ``norm_ema``, bit 6 has a
-``step``, bit 7 every address of the row (g, r, p, m, v) is 16-byte aligned (this tensor takes
-the vector path; a view at an odd offset into a flat buffer takes the scalar path alone). Every
-tensor of a row (g, r, p, m, v) has the parameter's element type.
+``step``, bit 7 every address of the row (g, r, p, m, v and a non-zero VM) is 16-byte aligned (this
+tensor takes the vector path; a view at an odd offset into a flat buffer takes the scalar path
+alone). Every tensor of a row (g, r, p, m, v, vm) has the parameter's element type.
 
 Chunk table ``chunks``: int64 ``[C, 2]``: (tensor row, first element) of each chunk of
 ``CHUNK`` elements; every tensor has at least one chunk (a 0-element tensor has one empty chunk,
@@ -35,8 +36,8 @@ Segment table ``segs``: int64 ``[S, SEG_COLS]``: first chunk, one past the last 
 address of the segment's ``norm_ema`` (0: none).
 """
 
-G, R, P, M, V, STEP, NU, NUMEL, SEG, GROUP, FLAGS, LR = range(12)
-META_COLS = 12  # rows of 96 bytes
+G, R, P, M, V, STEP, NU, NUMEL, SEG, GROUP, FLAGS, LR, VM = range(13)
+META_COLS = 13  # rows of 104 bytes
 
 #: element type codes (bits 0-1 of FLAGS); DT_MIXED asks the kernels to dispatch per tensor
 DT_F32, DT_BF16, DT_F16 = 0, 1, 2

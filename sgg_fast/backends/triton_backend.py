@@ -77,6 +77,7 @@ class _Tables:
         self.steps_old = None  # float32 [P] on the device
         self.dt = None  # common element type code, or DT_MIXED
         self.aligned = False  # some tensor is 16-byte aligned (compile the vector path)
+        self.amsgrad = False  # some tensor has a max_exp_avg_sq (compile the amsgrad path)
         self.flags = None  # int64 [P] FLAGS without F_ALIGNED (host)
         self.chunk = None
         self.hyper_key = None
@@ -129,6 +130,8 @@ class TritonBackend(Backend):
     device_skip = True
     #: one flat index walks a parameter, its gradient, state and reference (same strides)
     same_layout = True
+    #: per tensor: meta column VM holds the address of max_exp_avg_sq (0: amsgrad off)
+    amsgrad = True
 
     @property
     def description(self) -> str:  # type: ignore[override]
@@ -179,6 +182,8 @@ class TritonBackend(Backend):
         lists: list[tuple[str, Sequence[torch.Tensor | None]]] = [("parameter", plan.params), ("gradient", plan.grads)]
         if len(plan.exp_avgs) == P:
             lists += [("exp_avg", plan.exp_avgs), ("exp_avg_sq", plan.exp_avg_sqs)]
+        if len(plan.max_exp_avg_sqs) == P:
+            lists.append(("max_exp_avg_sq", plan.max_exp_avg_sqs))
         if len(plan.refs) == P:
             lists.append(("reference", plan.refs))
         for what, ts in lists:
@@ -298,10 +303,12 @@ class TritonBackend(Backend):
             vp = [t.data_ptr() for t in plan.exp_avg_sqs]
         else:
             mp = vp = gp
+        vms = plan.max_exp_avg_sqs if len(plan.max_exp_avg_sqs) == P else [None] * P
+        vmp = [0 if t is None else t.data_ptr() for t in vms]  # 0: amsgrad off for this tensor
         sp = [t.data_ptr() for t in plan.steps] if has_steps else [0] * P
         lrp = self._lr_ptrs(plan, dev)
-        ptrs = (gp, rp, pp, mp, vp, sp, [lrp[gi] for gi in plan.group_index])
-        cols = (L.G, L.R, L.P, L.M, L.V, L.STEP, L.LR)
+        ptrs = (gp, rp, pp, mp, vp, sp, [lrp[gi] for gi in plan.group_index], vmp)
+        cols = (L.G, L.R, L.P, L.M, L.V, L.STEP, L.LR, L.VM)
         changed = [k for k in range(len(ptrs)) if tab.ptrs is None or ptrs[k] != tab.ptrs[k]]
         # gradients must match their parameter's shape, dtype and device (build_plan checks it):
         # only their layout is left to check; anything else that moved gets the full check
@@ -320,11 +327,15 @@ class TritonBackend(Backend):
             host = tab.meta_host
             for k in changed:
                 host[:, cols[k]] = torch.tensor(ptrs[k], dtype=torch.int64)
-            # per tensor: all of g, r, p, m, v 16-byte aligned (chunk starts are multiples of BLOCK)
-            al = [chunk % 16 == 0 and all(ptrs[k][i] % 16 == 0 for k in range(5)) for i in range(P)]
+            # per tensor: all of g, r, p, m, v (and vm) 16-byte aligned (chunk starts are
+            # multiples of BLOCK)
+            al = [
+                chunk % 16 == 0 and all(ptrs[k][i] % 16 == 0 for k in range(5)) and vmp[i] % 16 == 0 for i in range(P)
+            ]
             host[:, L.FLAGS] = tab.flags | (torch.tensor(al, dtype=torch.int64) * L.F_ALIGNED)
             tab.meta = _upload(host, dev)
             tab.aligned = any(al)
+            tab.amsgrad = any(vmp)
             tab.ptrs = ptrs
 
         # per-group AdamW settings (runtime values: an LR schedule only re-uploads this table)
@@ -468,7 +479,15 @@ class TritonBackend(Backend):
         tab = self._tables(plan)
         with _on(plan.home):
             kapply.launch_apply(
-                tab.meta, tab.chunks, tab.hyper, out, tab.steps_old, chunk=tab.chunk, dt=tab.dt, aligned=tab.aligned
+                tab.meta,
+                tab.chunks,
+                tab.hyper,
+                out,
+                tab.steps_old,
+                chunk=tab.chunk,
+                dt=tab.dt,
+                aligned=tab.aligned,
+                amsgrad=tab.amsgrad,
             )
 
     def guide(self, plan: StepPlan, out: torch.Tensor) -> None:
