@@ -153,3 +153,25 @@ def test_amsgrad_per_group_and_loaded_from_adamw():
                                        rtol=RTOL, atol=0.0)
         else:
             assert "max_exp_avg_sq" not in resumed.state[x]
+
+
+def test_amsgrad_mixed_dtypes_in_one_launch_match_torch_backend():
+    """fp32 and bf16 tensors of one amsgrad group in one launch (the kernel's per-tensor dtype
+    dispatch, DT = -1, with AMS): each as SGGAdamW(backend="torch")."""
+    res = {}
+    for backend in ("triton", "torch"):
+        gen = torch.Generator().manual_seed(5)
+        ps = [torch.randn(s, generator=gen).to(DEVICE, dt).requires_grad_()
+              for s, dt in zip(SHAPES, (torch.float32, torch.bfloat16, torch.float32))]
+        opt = SGGAdamW(ps, lr=LR, betas=BETAS, weight_decay=WD, amsgrad=True, backend=backend)
+        for k in range(4):
+            for p, g in zip(ps, _grads(k, gen)):
+                p.grad = g.to(DEVICE, p.dtype)
+            opt.step()
+        assert opt._engine._resolved.name == backend
+        res[backend] = [(p.detach(), opt.state[p]["max_exp_avg_sq"]) for p in ps]
+    for (x, vx), (y, vy) in zip(res["triton"], res["torch"]):
+        tol = dict(rtol=1e-5, atol=1e-6) if x.dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(x, y, **tol)
+        torch.testing.assert_close(vx, vy, **tol)
+        assert vx.dtype == x.dtype
