@@ -60,7 +60,7 @@ import torch
 from . import backends as _backends
 from . import distributed as _distributed
 from .backends.base import Partials
-from .plan import REF_MOMENTUM, SUPPORTED_DTYPES, Segment, StepCache, StepPlan, _reject, describe
+from .plan import REF_MOMENTUM, Segment, StepCache, StepPlan, check_grad, describe
 from .validation import REFERENCES
 
 __all__ = ["overlap_backward", "OverlapHandle", "MODES"]
@@ -264,16 +264,7 @@ class OverlapHandle:
         """The plan of tensor ``p`` alone (one segment), checked like ``build_plan`` checks."""
         gi, pi = self._where(p)
         group = self._opt.param_groups[gi]
-        if (
-            g.layout != torch.strided
-            or torch.is_complex(p)
-            or torch.is_complex(g)
-            or p.dtype not in SUPPORTED_DTYPES
-            or g.shape != p.shape
-            or g.dtype != p.dtype
-            or g.device != p.device
-        ):
-            _reject(self._opt._owner, f"param_groups[{gi}]['params'][{pi}] ({describe(p)})", p, g)
+        check_grad(self._opt._owner, gi, pi, p, g)
         plan = StepPlan(groups=self._opt.param_groups, cache=self._cache(p))
         plan.segments.append(
             Segment(

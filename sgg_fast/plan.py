@@ -183,6 +183,21 @@ def _reject(owner: str, where: str, p: torch.Tensor, g: torch.Tensor) -> None:
     )
 
 
+def check_grad(owner: str, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
+    """Raise the clear error of :func:`_reject` when gradient ``g`` of ``param_groups[gi]['params'][pi]``
+    cannot be stepped (sparse, complex, unsupported dtype, or not shaped like its parameter)."""
+    if (
+        g.layout != torch.strided
+        or torch.is_complex(p)
+        or torch.is_complex(g)
+        or p.dtype not in SUPPORTED_DTYPES
+        or g.shape != p.shape
+        or g.dtype != p.dtype
+        or g.device != p.device
+    ):
+        _reject(owner, f"param_groups[{gi}]['params'][{pi}] ({describe(p)})", p, g)
+
+
 def build_plan(
     param_groups: list[dict], owner: str = "SGGAdamW", cache: StepCache | None = None, rewrite_grad: bool = False
 ) -> StepPlan:
@@ -203,16 +218,7 @@ def build_plan(
             g = p.grad
             if g is None:
                 continue
-            if (
-                g.layout != torch.strided
-                or torch.is_complex(p)
-                or torch.is_complex(g)
-                or p.dtype not in SUPPORTED_DTYPES
-                or g.shape != p.shape
-                or g.dtype != p.dtype
-                or g.device != p.device
-            ):
-                _reject(owner, f"param_groups[{gi}]['params'][{pi}] ({describe(p)})", p, g)
+            check_grad(owner, gi, pi, p, g)
             members.append((gi, pi, p))
         if group["granularity"] == "global":
             if global_seg is None:
