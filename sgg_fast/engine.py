@@ -58,6 +58,9 @@ class StepEngine:
         #: whether the last step was skipped, when the host knows it without a sync (CPU
         #: tensors, or a backend that synced for it); None otherwise
         self.last_host_skip: bool | None = None
+        #: whether the last step ran without cross-rank statistics or DTensor shards (its plan
+        #: is the caller's own and can be reused, plan.PlanReuse)
+        self.last_local = False
 
     # -- backend choice ----------------------------------------------------------------------
     def resolve(self, plan: StepPlan) -> Backend:
@@ -67,7 +70,7 @@ class StepEngine:
         if key != self._resolved_key or self._resolved is None:
             self._resolved = _backends.resolve(self.backend, plan, fused_only=self.fused)
             self._resolved_key = key
-        else:
+        elif not plan.reused:  # a reused plan's tensors and layouts are the ones checked
             reasons = self._resolved.input_reasons(plan)
             if reasons:
                 if self.backend == "auto" and not os.environ.get(_backends.ENV_VAR):
@@ -92,7 +95,10 @@ class StepEngine:
         replaced by their local shards first. ``partials``: statistics computed earlier (e.g.
         during backward, as each gradient became final); then the statistics pass is skipped.
         """
-        sync = _distributed.prepare(plan, self.process_group, self.owner)
+        if not plan.reused:
+            # a plan with DTensors is rewritten to local shards below: it cannot be reused
+            self.last_local = self.process_group is None and not any(map(_distributed.is_dtensor, plan.params))
+        sync = None if plan.reused else _distributed.prepare(plan, self.process_group, self.owner)
         backend = self.resolve(plan)
         if partials is None:
             partials = backend.stats(plan) if sync is None else sync.stats(plan, backend)

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from . import distributed as _distributed
 from .engine import StepEngine
-from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, StepPlan, build_plan, describe
+from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, PlanReuse, StepPlan, build_plan, describe
 from .validation import (
     GUIDANCE_DEFAULTS,
     check_reference_shapes,
@@ -179,6 +179,10 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
     _owner = "SGGAdamW"
     #: the hooks of sgg_fast.overlap_backward, when installed (they run part of the step in backward)
     _overlap = None
+    #: last step's plan, reused while its tensors, state and layout are unchanged (plan.PlanReuse)
+    _reuse: PlanReuse | None = None
+    #: set False to build and check the plan from scratch every step (tests compare the two)
+    _reuse_plans = True
 
     def __init__(
         self,
@@ -392,6 +396,11 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
 
     def _plan(self) -> tuple[StepPlan, dict]:
         self._check_settings(self.param_groups)
+        if self._reuse is not None:
+            plan = self._reuse.reuse(self.param_groups, self.state)
+            if plan is not None:
+                return plan, {}  # last step's checked plan; its state exists (nothing pending)
+            self._reuse = None
         plan = build_plan(self.param_groups, self._owner, self._engine.cache)
         self._check_state(plan)
         return plan, self._init_group(plan)
@@ -404,15 +413,22 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         if overlap is not None:
             overlap.before_step()
         plan, pending = self._plan()  # every check happens here, before any write
-        if not plan.params:
-            self._engine.idle(plan)
-        else:
-            # statistics taken during backward by overlap_backward(mode="stats"), if any
-            partials = None if overlap is None else overlap.partials(plan, self._engine.resolve(plan))
-            self._engine.run(plan, "apply", partials)
-            self._commit(pending, self._engine.last_host_skip is True)
-        if overlap is not None:
-            overlap.after_step(plan)
+        try:
+            if not plan.params:
+                self._engine.idle(plan)
+            else:
+                # statistics taken during backward by overlap_backward(mode="stats"), if any
+                partials = None if overlap is None else overlap.partials(plan, self._engine.resolve(plan))
+                self._engine.run(plan, "apply", partials)
+                skipped = self._engine.last_host_skip is True
+                self._commit(pending, skipped)
+                if self._reuse_plans and not plan.reused and not (skipped and pending) and self._engine.last_local:
+                    if overlap is None or overlap.mode != "step":
+                        self._reuse = PlanReuse(plan, self.param_groups, self.state)
+            if overlap is not None:
+                overlap.after_step(plan)
+        finally:
+            plan.grads = []  # a kept plan must not keep this step's gradients alive
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -434,6 +450,7 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         state.pop("_engine", None)
         state.pop("_settings_keys", None)
         state.pop("_overlap", None)  # hooks belong to the live model, not to a copy
+        state.pop("_reuse", None)  # refers to this optimizer's own plan and state objects
         state.pop("_step_supports_amp_scaling", None)
         return state
 

@@ -10,6 +10,8 @@ Architecture of a step (DESIGN §3): params → statistics → finalize (α, β,
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,6 +35,7 @@ __all__ = [
     "StepCache",
     "StepPlan",
     "build_plan",
+    "PlanReuse",
     "memo",
     "describe",
     "REFERENCES",
@@ -111,6 +114,14 @@ class StepPlan:
     #: True for GradientGuidance (the guided gradient replaces .grad; see guidance.hyper_row)
     rewrite_grad: bool = False
     cache: StepCache = field(default_factory=StepCache)  # lives across steps (the engine's)
+    #: True when :class:`PlanReuse` handed this plan out again: every tensor, layout and state
+    #: entry is the one checked when it was built (only ``grads`` are new objects, with the
+    #: checked shapes and strides), so the per-tensor checks of the engine are not repeated
+    reused: bool = False
+    #: derived per-tensor lists that depend only on what a reused plan keeps (backends' memo)
+    derived: dict[str, Any] = field(default_factory=dict)
+    _devices: list[torch.device] | None = None
+    _dtypes: list[torch.dtype] | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -131,11 +142,23 @@ class StepPlan:
 
     @property
     def devices(self) -> list[torch.device]:
-        return sorted({p.device for p in self.params}, key=str)
+        if self._devices is None:
+            self._devices = sorted({p.device for p in self.params}, key=str)
+        return self._devices
 
     @property
     def dtypes(self) -> list[torch.dtype]:
-        return sorted({p.dtype for p in self.params}, key=str)
+        if self._dtypes is None:
+            self._dtypes = sorted({p.dtype for p in self.params}, key=str)
+        return self._dtypes
+
+    def memo(self, name: str, make: Callable[[], T]) -> T:
+        """``make()`` once per plan: for lists that depend only on the plan's tensors and the
+        structural settings of its groups (:data:`STRUCTURE_KEYS`), which a reused plan keeps."""
+        hit = self.derived.get(name, _MISSING)
+        if hit is _MISSING:
+            hit = self.derived[name] = make()
+        return hit
 
     def ref_mode(self, i: int) -> int:
         return REFERENCES.index(self.segments[self.seg_of_param[i]].group["reference"])
@@ -156,6 +179,110 @@ class StepPlan:
         t = t.pin_memory().to(self.home, non_blocking=True) if self.home.type == "cuda" else t
         self.cache.hyper = (key, t)
         return t
+
+
+_MISSING = object()
+
+#: the group settings that decide a plan's layout: which segments, which state entries, which
+#: tensors the statistics read. Any other setting (lr, betas, λ, ...) is read from the group on
+#: every step, so changing it does not invalidate a reused plan.
+STRUCTURE_KEYS = ("granularity", "reference", "amsgrad", "mag_mode")
+
+
+def _structure(groups: list[dict]) -> tuple:
+    return tuple(tuple(g.get(k) for k in STRUCTURE_KEYS) for g in groups)
+
+
+def _same(a: list, b: list) -> bool:
+    """Element-wise identity of two lists (C speed: no Tensor.__eq__, no hashing)."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _param_meta(params: list[torch.Tensor]) -> list[tuple]:
+    return [(p.shape, p.stride(), p.dtype, p.device) for p in params]
+
+
+def _grad_meta(grads: list[torch.Tensor]) -> list[tuple]:
+    return [(g.shape, g.stride()) for g in grads]
+
+
+class PlanReuse:
+    """Last step's checked plan, handed out again while nothing it was built from has changed.
+
+    A training loop steps the same parameters with the same state every step; only the gradient
+    tensors are new (``zero_grad(set_to_none=True)``) and some settings (the lr of a scheduler)
+    change. Rebuilding and re-checking the plan costs several µs per tensor in Python; this
+    check costs well under one, most of it at C speed (identity of lists, tuples compared):
+
+    * the same ``param_groups`` dicts with the same parameter lists and the same structural
+      settings (:data:`STRUCTURE_KEYS`);
+    * the same parameters with a gradient; each parameter's shape, strides, dtype and device,
+      and each gradient's shape and strides, equal to what was checked (a sparse gradient, which
+      has no strides, fails the check); torch's ``.grad`` setter and autograd give a gradient its
+      parameter's dtype and device;
+    * the same ``state`` dict with the same entries, each holding the same objects (so a
+      ``load_state_dict``, ``set_reference``, ``del opt.state[p]`` or a replaced tensor rebuilds);
+    * the same group-level running norms (``group["norm_ema"]``).
+
+    Anything else — or any exception while checking — returns None and the caller builds and
+    checks a new plan. Not used with a ``process_group`` or DTensor parameters (their plans are
+    rewritten to local shards by :mod:`sgg_fast.distributed`).
+    """
+
+    def __init__(self, plan: StepPlan, groups: list[dict], state: dict):
+        self.plan = plan
+        self.groups = list(groups)
+        self.group_params = [list(g["params"]) for g in groups]
+        self.structure = _structure(groups)
+        self.flat = [p for ps in self.group_params for p in ps]
+        pos = {id(p): j for j, p in enumerate(self.flat)}
+        self.order = [pos[id(p)] for p in plan.params]
+        self.has_grad = [p.grad is not None for p in self.flat]
+        self.param_meta = _param_meta(plan.params)
+        self.grad_meta = _grad_meta(plan.grads)
+        self.state = state
+        self.state_keys = list(state.keys())
+        self.state_vals = list(state.values())
+        self.state_flat = list(itertools.chain.from_iterable(map(dict.values, self.state_vals)))
+        self.group_nus = [(g, g.get("norm_ema")) for g in groups]
+        self.pick = operator.itemgetter(*self.order) if len(self.order) > 1 else None
+
+    def reuse(self, groups: list[dict], state: dict) -> StepPlan | None:
+        """The plan of this step if nothing above changed (its ``grads`` set to the new
+        gradients, ``reused`` True), else None."""
+        try:
+            return self._reuse(groups, state)
+        except Exception:  # e.g. a sparse gradient (no strides), a non-dict state entry
+            return None
+
+    def _reuse(self, groups: list[dict], state: dict) -> StepPlan | None:
+        if not _same(groups, self.groups) or state is not self.state:
+            return None
+        for g, ps in zip(groups, self.group_params):
+            if not _same(g["params"], ps):
+                return None
+        if _structure(groups) != self.structure:
+            return None
+        grads_all = [p.grad for p in self.flat]
+        if [g is not None for g in grads_all] != self.has_grad:
+            return None
+        plan = self.plan
+        grads = list(self.pick(grads_all)) if self.pick is not None else [grads_all[j] for j in self.order]
+        if _grad_meta(grads) != self.grad_meta or _param_meta(plan.params) != self.param_meta:
+            return None
+        if len(state) != len(self.state_keys) or not _same(list(state.keys()), self.state_keys):
+            return None
+        vals = list(state.values())
+        if not _same(vals, self.state_vals):
+            return None
+        if not _same(list(itertools.chain.from_iterable(map(dict.values, vals))), self.state_flat):
+            return None
+        for g, nu in self.group_nus:
+            if g.get("norm_ema") is not nu:
+                return None
+        plan.grads = grads
+        plan.reused = True
+        return plan
 
 
 def describe(p: torch.Tensor) -> str:

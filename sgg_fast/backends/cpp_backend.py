@@ -109,16 +109,20 @@ class _CompiledBackend(Backend):
     def _row_offsets(self, plan: StepPlan) -> list[int]:
         """First statistics row of each segment (+ the total): sgg_stats gives tensor i
         max(1, ceil(numel / chunk)) rows, in plan order, and plan order is segment order."""
-        numels = tuple(g.numel() for g in plan.grads)
         chunk = self._stats_chunk
 
-        def make():
-            rows = [0]
-            for n in numels:
-                rows.append(rows[-1] + max(1, -(-n // chunk)))
-            return [rows[s.start] for s in plan.segments] + [rows[-1]]
+        def offsets():
+            numels = tuple(g.numel() for g in plan.grads)
 
-        return _cached(plan, "cpp_row_offsets", (numels, tuple(plan.seg_of_param), chunk), make)
+            def make():
+                rows = [0]
+                for n in numels:
+                    rows.append(rows[-1] + max(1, -(-n // chunk)))
+                return [rows[s.start] for s in plan.segments] + [rows[-1]]
+
+            return _cached(plan, "cpp_row_offsets", (numels, tuple(plan.seg_of_param), chunk), make)
+
+        return plan.memo("cpp_row_offsets", offsets)
 
     def _guide_lists(self, plan: StepPlan):
         """Per-tensor ``ref_beta`` and reference mode (the guidance groups carry no lr)."""
@@ -183,9 +187,13 @@ class _CompiledBackend(Backend):
     # -- the stages --------------------------------------------------------------------------
     def stats(self, plan: StepPlan) -> Partials:
         ops = _ext.ops()
-        params = [
-            p if plan.segments[s].group["mag_mode"] == "param" else None for p, s in zip(plan.params, plan.seg_of_param)
-        ]
+        params = plan.memo(
+            "cpp_stats_params",
+            lambda: [
+                p if plan.segments[s].group["mag_mode"] == "param" else None
+                for p, s in zip(plan.params, plan.seg_of_param)
+            ],
+        )
         ws, ws_host = self._ws(plan, "stats")
         values = ops.sgg_stats(plan.grads, plan.refs, params, self._stats_chunk, ws, ws_host)
         return Partials(values, self._row_offsets(plan))
@@ -207,14 +215,19 @@ class _CompiledBackend(Backend):
         dev = plan.home
         return _cached(plan, "cpp_placeholder", dev, lambda: torch.empty(0, device=dev))
 
+    def _apply_tensors(self, plan: StepPlan, ref_mode: list[int]) -> tuple[list, list]:
+        """The refs (the placeholder where r is the momentum itself) and the amsgrad maxima (one
+        entry per tensor, the placeholder where the group has amsgrad=False; [] if none has)."""
+        none = self._placeholder(plan)
+        refs = [none if m == REF_MOMENTUM else r for m, r in zip(ref_mode, plan.refs)]
+        vmax = plan.max_exp_avg_sqs
+        vmax = [none if t is None else t for t in vmax] if any(t is not None for t in vmax) else []
+        return refs, vmax
+
     def apply(self, plan: StepPlan, out: torch.Tensor) -> None:
         ops = _ext.ops()
         h = self._apply_lists(plan)
-        none = self._placeholder(plan)
-        refs = [none if m == REF_MOMENTUM else r for m, r in zip(h["ref_mode"], plan.refs)]
-        # amsgrad: one entry per tensor (the placeholder where the group has amsgrad=False), or []
-        vmax = plan.max_exp_avg_sqs
-        vmax = [none if t is None else t for t in vmax] if any(t is not None for t in vmax) else []
+        refs, vmax = plan.memo("cpp_apply_tensors", lambda: self._apply_tensors(plan, h["ref_mode"]))
         ws, ws_host = self._ws(plan, "apply")
         ops.sgg_adamw_apply(
             plan.params,
