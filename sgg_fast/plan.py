@@ -118,6 +118,9 @@ class StepPlan:
     #: entry is the one checked when it was built (only ``grads`` are new objects, with the
     #: checked shapes and strides), so the per-tensor checks of the engine are not repeated
     reused: bool = False
+    #: how many times :class:`PlanReuse` handed this plan out; per-step caches keyed by the plan
+    #: object (e.g. the Triton tables, checked once per step) key by ``(plan, uses)`` instead
+    uses: int = 0
     #: derived per-tensor lists that depend only on what a reused plan keeps (backends' memo)
     derived: dict[str, Any] = field(default_factory=dict)
     _devices: list[torch.device] | None = None
@@ -282,6 +285,7 @@ class PlanReuse:
                 return None
         plan.grads = grads
         plan.reused = True
+        plan.uses += 1
         return plan
 
 

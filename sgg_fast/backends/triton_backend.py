@@ -84,6 +84,7 @@ class _Tables:
         self.hyper = None  # float32 [NG, HYP_COLS] on the device
         self.segs = {}  # key -> int64 [S, SEG_COLS] on the device
         self.plan = None  # weakref to the plan the tables were last validated for
+        self.plan_uses = -1  # and its StepPlan.uses then (a reused plan is a new step)
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -225,8 +226,8 @@ class TritonBackend(Backend):
         tab = plan.cache.triton
         if tab is None:
             tab = plan.cache.triton = _Tables()
-        if tab.plan is not None and tab.plan() is plan:
-            return tab
+        if tab.plan is not None and tab.plan() is plan and tab.plan_uses == plan.uses:
+            return tab  # validated earlier in this step (stats, then apply)
         kstats, _, L = _kernels()
         if plan.home.type == "cpu" and not kstats._stats_kernel.__class__.__name__.startswith("Interpret"):
             raise RuntimeError(
@@ -345,6 +346,7 @@ class TritonBackend(Backend):
             tab.hyper = _upload(torch.tensor(rows, dtype=torch.float32).reshape(len(rows), L.HYP_COLS), dev)
             tab.hyper_key = hkey
         tab.plan = weakref.ref(plan)
+        tab.plan_uses = plan.uses
         return tab
 
     @staticmethod
