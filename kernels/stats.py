@@ -10,20 +10,26 @@ to its own row: no atomics, so the result does not depend on scheduling. The fir
 each tensor also copies the tensor's step count into a scratch buffer, which the apply launch
 reads (the apply launch increments the step counts, so it must not read them).
 
-Launch 2, :func:`launch_finalize`: ONE program. Pass 1 sums the partials of each segment
-(rows ``lo:hi`` of the partials) in a fixed order — a ``[SB, KB]`` tile of running sums,
-reduced along its rows at the end — so results are bitwise reproducible run to run. Pass 2
-computes exactly :func:`sgg_fast.guidance.finalize`'s output columns (α, β, ν, the
-``last_stats()`` row, ``bad``), mirroring its formulas operation by operation (IEEE
-``div_rn``/``sqrt_rn``, no FMA contraction; the third mirror is ``finalize_row`` in
-``csrc/sgg_common.h``). Pass 3 writes the global ``skipped`` flag and each relative segment's
-new ``(ν, initialised)`` into its own float32 [2] tensor (``plan.seg_nus``), unless skipped.
+Launch 2, :func:`launch_finalize`: a grid of ``cdiv(S, SB)`` programs, one per tile of ``SB``
+segments. Pass 1 sums the partials of each segment of the tile (rows ``lo:hi`` of the partials)
+in a fixed order — a ``[SB, KB]`` tile of running sums, reduced along its rows at the end — so
+results are bitwise reproducible run to run and do not depend on the grid. Pass 2 computes
+exactly :func:`sgg_fast.guidance.finalize`'s output columns (α, β, ν, the ``last_stats()`` row,
+``bad``) of the tile, mirroring its formulas operation by operation (IEEE ``div_rn``/``sqrt_rn``,
+no FMA contraction; the third mirror is ``finalize_row`` in ``csrc/sgg_common.h``). Each program
+then ORs whether its tile had a non-finite value into a global flag and takes a ticket (atomics
+in a two-int32 workspace, ``acq_rel``); the program that draws the last ticket has seen every
+tile's writes, and does pass 3 for all segments: the global ``skipped`` flag, and each relative
+segment's new ``(ν, initialised)`` written into its own float32 [2] tensor (``plan.seg_nus``)
+unless skipped. It resets the workspace to zero for the next launch. The flag is an OR and the
+sums do not depend on which program runs when, so the result is deterministic.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -85,9 +91,17 @@ CHUNK_PROGRAMS_PER_SM = 16
 CHUNK_INTERPRET = 4096
 #: finalize tile: TILE running sums per statistic (SB segments x TILE/SB partial rows), 4 tiles
 #: of 2048 fp32 over 8 warps = 32 registers per thread; SB adapts to the number of segments so
-#: that one large segment (granularity="global") reads 2048 partial rows per iteration
+#: that one large segment (granularity="global") reads 2048 partial rows per iteration. With
+#: MAX_SEG_BLOCK segments per program, 272 segments (a 135M model, granularity="tensor") run as
+#: 17 programs and 1000 as 63, instead of one program walking them all.
 FINALIZE_TILE = 2048
 MAX_SEG_BLOCK = 16
+#: int32 slots of the finalize workspace (launch_finalize's ``sync``)
+SYNC_BAD = 0  # OR of every tile's "non-finite" flag
+SYNC_TICKET = 1  # programs finished with passes 1-2
+SYNC_SLOTS = 2
+_SYNC_BAD = tl.constexpr(SYNC_BAD)
+_SYNC_TICKET = tl.constexpr(SYNC_TICKET)
 #: num_warps of the multi-tensor kernels / of the one-program finalize
 NUM_WARPS = 4
 FINALIZE_WARPS = 8
@@ -274,6 +288,7 @@ def _finalize_kernel(
     nu_ptr,         # float32 [S, 2]: current (ν, initialised) when NU_MODE == 1 (unused otherwise)
     red_ptr,        # float32 [S, 4] out: the summed statistics of each segment
     out_ptr,        # float32 [S, len(OUT_COLS)] out: guidance.finalize's columns
+    sync_ptr,       # int32 [SYNC_SLOTS], zero on entry and left zero: (bad flag, ticket)
     S,              # number of segments
     cancel_tol,     # CANCEL_EPS·eps(float32): sin²(g, r) below it is rounding noise (g ∥ r)
     blend_tol,      # BLEND_EPS·eps(float32): ‖w‖² below it disables the direction blend
@@ -283,178 +298,204 @@ def _finalize_kernel(
                                 #    written back for relative segments unless the step is skipped
     REDUCE_ONLY: tl.constexpr,  # stop after writing red_ptr (Backend.reduce)
 ):
-    # ---- pass 1: fixed-order segmented sums, and whether any segment is non-finite ----------
+    # ---- pass 1: fixed-order segmented sums of this program's tile, and whether any of its
+    # segments is non-finite ------------------------------------------------------------------
     any_bad = tl.full([], 0, tl.int32)
-    for s0 in range(0, S, SB):
-        sidx = s0 + tl.arange(0, SB)
-        smask = sidx < S
-        lo = tl.load(segs_ptr + sidx * _SC + _S_LO, mask=smask, other=0)
-        hi = tl.load(segs_ptr + sidx * _SC + _S_HI, mask=smask, other=0)
-        n = hi - lo
-        maxn = tl.max(n, axis=0)
-        t_gg = tl.zeros([SB, KB], dtype=tl.float32)
-        t_rr = tl.zeros([SB, KB], dtype=tl.float32)
-        t_gr = tl.zeros([SB, KB], dtype=tl.float32)
-        t_pp = tl.zeros([SB, KB], dtype=tl.float32)
-        for k0 in range(0, maxn, KB):
-            kk = k0 + tl.arange(0, KB)
-            m2 = smask[:, None] & (kk[None, :] < n[:, None])
-            base = partials_ptr + (lo[:, None] + kk[None, :]) * 4
-            t_gg += tl.load(base + _GG, mask=m2, other=0.0)
-            t_rr += tl.load(base + _RR, mask=m2, other=0.0)
-            t_gr += tl.load(base + _GR, mask=m2, other=0.0)
-            t_pp += tl.load(base + _PP, mask=m2, other=0.0)
-        gg = tl.sum(t_gg, axis=1)
-        rr = tl.sum(t_rr, axis=1)
-        gr = tl.sum(t_gr, axis=1)
-        pp = tl.sum(t_pp, axis=1)
-        red = red_ptr + sidx * 4
-        tl.store(red + _GG, gg, mask=smask)
-        tl.store(red + _RR, rr, mask=smask)
-        tl.store(red + _GR, gr, mask=smask)
-        tl.store(red + _PP, pp, mask=smask)
-        ok = _finite(gg) & _finite(rr) & _finite(gr) & _finite(pp)
-        any_bad = any_bad | tl.max((smask & ~ok).to(tl.int32), axis=0)
+    s0 = tl.program_id(0) * SB
+    sidx = s0 + tl.arange(0, SB)
+    smask = sidx < S
+    lo = tl.load(segs_ptr + sidx * _SC + _S_LO, mask=smask, other=0)
+    hi = tl.load(segs_ptr + sidx * _SC + _S_HI, mask=smask, other=0)
+    n = hi - lo
+    maxn = tl.max(n, axis=0)
+    t_gg = tl.zeros([SB, KB], dtype=tl.float32)
+    t_rr = tl.zeros([SB, KB], dtype=tl.float32)
+    t_gr = tl.zeros([SB, KB], dtype=tl.float32)
+    t_pp = tl.zeros([SB, KB], dtype=tl.float32)
+    for k0 in range(0, maxn, KB):
+        kk = k0 + tl.arange(0, KB)
+        m2 = smask[:, None] & (kk[None, :] < n[:, None])
+        base = partials_ptr + (lo[:, None] + kk[None, :]) * 4
+        t_gg += tl.load(base + _GG, mask=m2, other=0.0)
+        t_rr += tl.load(base + _RR, mask=m2, other=0.0)
+        t_gr += tl.load(base + _GR, mask=m2, other=0.0)
+        t_pp += tl.load(base + _PP, mask=m2, other=0.0)
+    gg = tl.sum(t_gg, axis=1)
+    rr = tl.sum(t_rr, axis=1)
+    gr = tl.sum(t_gr, axis=1)
+    pp = tl.sum(t_pp, axis=1)
+    red = red_ptr + sidx * 4
+    tl.store(red + _GG, gg, mask=smask)
+    tl.store(red + _RR, rr, mask=smask)
+    tl.store(red + _GR, gr, mask=smask)
+    tl.store(red + _PP, pp, mask=smask)
+    ok = _finite(gg) & _finite(rr) & _finite(gr) & _finite(pp)
+    any_bad = any_bad | tl.max((smask & ~ok).to(tl.int32), axis=0)
 
     if not REDUCE_ONLY:
-        # pass 2 reads what pass 1 wrote (other threads of this one program): a CTA barrier
-        # orders those global-memory accesses.
+        # pass 2 reads what pass 1 wrote (other threads of this program): a CTA barrier orders
+        # those global-memory accesses.
         tl.debug_barrier()
-        # ---- pass 2: guidance.finalize's math per segment (mirror of guidance.finalize and of
-        # finalize_row in csrc/sgg_common.h: the same operations in the same order, IEEE
-        # div_rn / sqrt_rn, no FMA contraction) ----------------------------------------------
-        for s0 in range(0, S, SB):
-            sidx = s0 + tl.arange(0, SB)
-            smask = sidx < S
-            red = red_ptr + sidx * 4
-            gg = tl.load(red + _GG, mask=smask, other=0.0)
-            rr = tl.load(red + _RR, mask=smask, other=0.0)
-            gr_raw = tl.load(red + _GR, mask=smask, other=0.0)
-            pp = tl.load(red + _PP, mask=smask, other=0.0)
-            hrow = hyper_ptr + sidx * _NHYP
-            l_dir = tl.load(hrow + _H_LDIR, mask=smask, other=0.0)
-            l_mag = tl.load(hrow + _H_LMAG, mask=smask, other=0.0)
-            l_align = tl.load(hrow + _H_LALIGN, mask=smask, other=0.0)
-            mode = tl.load(hrow + _H_MODE, mask=smask, other=0.0)
-            max_norm = tl.load(hrow + _H_MAXNORM, mask=smask, other=1.0)
-            ratio = tl.load(hrow + _H_RATIO, mask=smask, other=1.0)
-            mbeta = tl.load(hrow + _H_MBETA, mask=smask, other=0.0)
-            gr_sign = tl.load(hrow + _H_GRSIGN, mask=smask, other=1.0)
-            alpha_sign = tl.load(hrow + _H_ASIGN, mask=smask, other=1.0)
-            beta_sign = tl.load(hrow + _H_BSIGN, mask=smask, other=1.0)
-            nu_old, nu_flag, nu_addr = _load_nu(nu_ptr, segs_ptr, sidx, smask, SB, NU_MODE)
+        # ---- pass 2: guidance.finalize's math per segment of the tile (mirror of
+        # guidance.finalize and of finalize_row in csrc/sgg_common.h: the same operations in
+        # the same order, IEEE div_rn / sqrt_rn, no FMA contraction) -------------------------
+        sidx = s0 + tl.arange(0, SB)
+        smask = sidx < S
+        red = red_ptr + sidx * 4
+        gg = tl.load(red + _GG, mask=smask, other=0.0)
+        rr = tl.load(red + _RR, mask=smask, other=0.0)
+        gr_raw = tl.load(red + _GR, mask=smask, other=0.0)
+        pp = tl.load(red + _PP, mask=smask, other=0.0)
+        hrow = hyper_ptr + sidx * _NHYP
+        l_dir = tl.load(hrow + _H_LDIR, mask=smask, other=0.0)
+        l_mag = tl.load(hrow + _H_LMAG, mask=smask, other=0.0)
+        l_align = tl.load(hrow + _H_LALIGN, mask=smask, other=0.0)
+        mode = tl.load(hrow + _H_MODE, mask=smask, other=0.0)
+        max_norm = tl.load(hrow + _H_MAXNORM, mask=smask, other=1.0)
+        ratio = tl.load(hrow + _H_RATIO, mask=smask, other=1.0)
+        mbeta = tl.load(hrow + _H_MBETA, mask=smask, other=0.0)
+        gr_sign = tl.load(hrow + _H_GRSIGN, mask=smask, other=1.0)
+        alpha_sign = tl.load(hrow + _H_ASIGN, mask=smask, other=1.0)
+        beta_sign = tl.load(hrow + _H_BSIGN, mask=smask, other=1.0)
+        nu_old, nu_flag, nu_addr = _load_nu(nu_ptr, segs_ptr, sidx, smask, SB, NU_MODE)
 
-            gr = gr_sign * gr_raw
-            bad_stats = ~(_finite(gg) & _finite(rr) & _finite(gr) & _finite(pp))
+        gr = gr_sign * gr_raw
+        bad_stats = ~(_finite(gg) & _finite(rr) & _finite(gr) & _finite(pp))
 
-            # cosine of g and r, scaled: no ng·nr, no gr/rr
-            ng = tl.sqrt_rn(gg)
-            nr = tl.sqrt_rn(rr)
-            has_r = rr > 0
-            both = (gg > 0) & has_r
-            kap_raw = tl.div_rn(tl.div_rn(gr, tl.where(both, ng, 1.0)), tl.where(both, nr, 1.0))
-            kap_raw = tl.where(kap_raw < -1.0, -1.0, tl.where(kap_raw > 1.0, 1.0, kap_raw))
-            kap = tl.where(both, kap_raw, 0.0)
-            conflict = gr < 0
+        # cosine of g and r, scaled: no ng·nr, no gr/rr
+        ng = tl.sqrt_rn(gg)
+        nr = tl.sqrt_rn(rr)
+        has_r = rr > 0
+        both = (gg > 0) & has_r
+        kap_raw = tl.div_rn(tl.div_rn(gr, tl.where(both, ng, 1.0)), tl.where(both, nr, 1.0))
+        kap_raw = tl.where(kap_raw < -1.0, -1.0, tl.where(kap_raw > 1.0, 1.0, kap_raw))
+        kap = tl.where(both, kap_raw, 0.0)
+        conflict = gr < 0
 
-            # A. alignment
-            l3 = tl.where(both & (kap < 0), l_align, 0.0)
-            proj = l3 > 0
-            sin2 = (1 - kap) * (1 + kap)
-            sin2 = tl.where(sin2 <= cancel_tol, 0.0, sin2)
-            t = (1 - l3) * kap
-            q = tl.where(proj, sin2 + t * t, 1.0)
-            g1_zero = q == 0
-            rq = tl.sqrt_rn(q)
+        # A. alignment
+        l3 = tl.where(both & (kap < 0), l_align, 0.0)
+        proj = l3 > 0
+        sin2 = (1 - kap) * (1 + kap)
+        sin2 = tl.where(sin2 <= cancel_tol, 0.0, sin2)
+        t = (1 - l3) * kap
+        q = tl.where(proj, sin2 + t * t, 1.0)
+        g1_zero = q == 0
+        rq = tl.sqrt_rn(q)
 
-            # B. direction consistency
-            ok = has_r & (gg > 0) & (q > 0)
-            opc1 = tl.where(proj, tl.div_rn(sin2, tl.where(ok, rq * (rq - t), 1.0)), 1 + kap)
-            omd = 1 - l_dir
-            dd = 1 - 2 * l_dir
-            w2 = dd * dd + ((2 * l_dir) * omd) * opc1
-            blend = ok & (w2 > blend_tol)
-            wn = tl.sqrt_rn(tl.where(blend, w2, 1.0))
-            a2 = tl.where(blend, tl.div_rn(omd, wn), 1.0)
-            b = tl.where(blend, tl.div_rn(l_dir, wn), 0.0)
-            bh = b * rq - a2 * (l3 * kap)
-            n2 = ng * rq  # ‖g2‖ = ‖g1‖
+        # B. direction consistency
+        ok = has_r & (gg > 0) & (q > 0)
+        opc1 = tl.where(proj, tl.div_rn(sin2, tl.where(ok, rq * (rq - t), 1.0)), 1 + kap)
+        omd = 1 - l_dir
+        dd = 1 - 2 * l_dir
+        w2 = dd * dd + ((2 * l_dir) * omd) * opc1
+        blend = ok & (w2 > blend_tol)
+        wn = tl.sqrt_rn(tl.where(blend, w2, 1.0))
+        a2 = tl.where(blend, tl.div_rn(omd, wn), 1.0)
+        b = tl.where(blend, tl.div_rn(l_dir, wn), 0.0)
+        bh = b * rq - a2 * (l3 * kap)
+        n2 = ng * rq  # ‖g2‖ = ‖g1‖
 
-            # C. magnitude control
-            is_abs = mode == _MAG_ABS
-            is_rel = mode == _MAG_REL
-            nu_init = nu_flag != 0
-            tau_rel = tl.where(nu_init, ratio * nu_old, float("inf"))
-            npp = tl.sqrt_rn(pp)
-            tau_param = ratio * tl.where(npp < _PARAM_FLOOR, _PARAM_FLOOR, npp)
-            tau = tl.where(is_abs, max_norm, tl.where(is_rel, tau_rel, tau_param))
-            over = n2 > tau
-            s = tl.where(over, (1 - l_mag) + l_mag * tl.div_rn(tl.where(over, tau, 0.0), tl.where(over, n2, 1.0)),
-                         1.0)
-            n3 = s * n2
-            finite_tau = _finite(tau)
-            excess = n2 - tl.where(finite_tau, tau, 0.0)
-            excess = tl.where(excess < 0, 0.0, excess)
-            mag_pen = tl.where(finite_tau, (0.5 * excess) * excess, 0.0)
+        # C. magnitude control
+        is_abs = mode == _MAG_ABS
+        is_rel = mode == _MAG_REL
+        nu_init = nu_flag != 0
+        tau_rel = tl.where(nu_init, ratio * nu_old, float("inf"))
+        npp = tl.sqrt_rn(pp)
+        tau_param = ratio * tl.where(npp < _PARAM_FLOOR, _PARAM_FLOOR, npp)
+        tau = tl.where(is_abs, max_norm, tl.where(is_rel, tau_rel, tau_param))
+        over = n2 > tau
+        s = tl.where(over, (1 - l_mag) + l_mag * tl.div_rn(tl.where(over, tau, 0.0), tl.where(over, n2, 1.0)),
+                     1.0)
+        n3 = s * n2
+        finite_tau = _finite(tau)
+        excess = n2 - tl.where(finite_tau, tau, 0.0)
+        excess = tl.where(excess < 0, 0.0, excess)
+        mag_pen = tl.where(finite_tau, (0.5 * excess) * excess, 0.0)
 
-            alpha = tl.where(g1_zero, 0.0, s * a2) * alpha_sign
-            beta = tl.where(g1_zero, 0.0, tl.div_rn(bh * (s * ng), tl.where(has_r, nr, 1.0))) * beta_sign
-            bad = bad_stats | ~_finite(alpha) | ~_finite(beta)
-            any_bad = any_bad | tl.max((smask & bad).to(tl.int32), axis=0)
+        alpha = tl.where(g1_zero, 0.0, s * a2) * alpha_sign
+        beta = tl.where(g1_zero, 0.0, tl.div_rn(bh * (s * ng), tl.where(has_r, nr, 1.0))) * beta_sign
+        bad = bad_stats | ~_finite(alpha) | ~_finite(beta)
+        any_bad = any_bad | tl.max((smask & bad).to(tl.int32), axis=0)
 
-            start = _finite(n2) & (n2 > 0)
-            nu_rel = tl.where(nu_init, mbeta * nu_old + (1 - mbeta) * n3, tl.where(start, n2, nu_old))
-            flag_rel = tl.where(nu_init | start, 1.0, 0.0)
+        start = _finite(n2) & (n2 > 0)
+        nu_rel = tl.where(nu_init, mbeta * nu_old + (1 - mbeta) * n3, tl.where(start, n2, nu_old))
+        flag_rel = tl.where(nu_init | start, 1.0, 0.0)
 
-            o = out_ptr + sidx * _NOUT
-            tl.store(o + _O_ALPHA, alpha, mask=smask)
-            tl.store(o + _O_BETA, beta, mask=smask)
-            tl.store(o + _O_NU, tl.where(is_rel, nu_rel, nu_old), mask=smask)
-            tl.store(o + _O_NUINIT, tl.where(is_rel, flag_rel, nu_flag), mask=smask)
-            tl.store(o + _O_GNORM, ng, mask=smask)
-            tl.store(o + _O_RNORM, nr, mask=smask)
-            tl.store(o + _O_COS, kap, mask=smask)
-            tl.store(o + _O_CONFLICT, conflict.to(tl.float32), mask=smask)
-            tl.store(o + _O_UNORM, n3, mask=smask)
-            tl.store(o + _O_SCALE, s, mask=smask)
-            tl.store(o + _O_DIRPEN, 1 - kap, mask=smask)
-            tl.store(o + _O_MAGPEN, mag_pen, mask=smask)
-            tl.store(o + _O_BAD, bad.to(tl.float32), mask=smask)
+        o = out_ptr + sidx * _NOUT
+        tl.store(o + _O_ALPHA, alpha, mask=smask)
+        tl.store(o + _O_BETA, beta, mask=smask)
+        tl.store(o + _O_NU, tl.where(is_rel, nu_rel, nu_old), mask=smask)
+        tl.store(o + _O_NUINIT, tl.where(is_rel, flag_rel, nu_flag), mask=smask)
+        tl.store(o + _O_GNORM, ng, mask=smask)
+        tl.store(o + _O_RNORM, nr, mask=smask)
+        tl.store(o + _O_COS, kap, mask=smask)
+        tl.store(o + _O_CONFLICT, conflict.to(tl.float32), mask=smask)
+        tl.store(o + _O_UNORM, n3, mask=smask)
+        tl.store(o + _O_SCALE, s, mask=smask)
+        tl.store(o + _O_DIRPEN, 1 - kap, mask=smask)
+        tl.store(o + _O_MAGPEN, mag_pen, mask=smask)
+        tl.store(o + _O_BAD, bad.to(tl.float32), mask=smask)
 
-        # ---- pass 3: the global skip; ν restored (skipped) or written back (relative) -------
+        # ---- the grid's join: OR this tile's flag into the workspace, then take a ticket.
+        # The barrier makes every thread's stores of passes 1-2 precede the release of the
+        # ticket (acq_rel, GPU scope); the program that draws the last ticket acquires every
+        # other program's stores with it. ------------------------------------------------------
         tl.debug_barrier()
-        skip = any_bad != 0
-        live = any_bad == 0
-        for s0 in range(0, S, SB):
-            sidx = s0 + tl.arange(0, SB)
-            smask = sidx < S
-            o = out_ptr + sidx * _NOUT
-            nu_old, nu_flag, nu_addr = _load_nu(nu_ptr, segs_ptr, sidx, smask, SB, NU_MODE)
-            tl.store(o + _O_NU, nu_old, mask=smask & skip)
-            tl.store(o + _O_NUINIT, nu_flag, mask=smask & skip)
-            if NU_MODE == 2:
-                mode = tl.load(hyper_ptr + sidx * _NHYP + _H_MODE, mask=smask, other=0.0)
-                wb = smask & live & (mode == _MAG_REL) & (nu_addr != 0)
-                p = nu_addr.to(tl.pointer_type(tl.float32))
-                tl.store(p + _N_NU, tl.load(o + _O_NU, mask=wb, other=0.0), mask=wb)
-                tl.store(p + _N_INIT, tl.load(o + _O_NUINIT, mask=wb, other=0.0), mask=wb)
-            tl.store(o + _O_SKIP, tl.where(skip, 1.0, 0.0) + tl.zeros([SB], dtype=tl.float32), mask=smask)
+        tl.atomic_or(sync_ptr + _SYNC_BAD, any_bad, sem="relaxed")
+        ticket = tl.atomic_add(sync_ptr + _SYNC_TICKET, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            tl.debug_barrier()
+            # the flag after every program's OR (an atomic read: it bypasses the caches)
+            bad_all = tl.atomic_or(sync_ptr + _SYNC_BAD, 0, sem="acquire")
+            skip = bad_all != 0
+            live = bad_all == 0
+            # ---- pass 3 (last program, all tiles): the global skip; ν restored (skipped) or
+            # written back (relative). Other programs' rows are read with .cg (L2, not L1). ---
+            for t0 in range(0, S, SB):
+                tidx = t0 + tl.arange(0, SB)
+                tmask = tidx < S
+                o = out_ptr + tidx * _NOUT
+                nu_old, nu_flag, nu_addr = _load_nu(nu_ptr, segs_ptr, tidx, tmask, SB, NU_MODE)
+                tl.store(o + _O_NU, nu_old, mask=tmask & skip)
+                tl.store(o + _O_NUINIT, nu_flag, mask=tmask & skip)
+                if NU_MODE == 2:
+                    mode = tl.load(hyper_ptr + tidx * _NHYP + _H_MODE, mask=tmask, other=0.0)
+                    wb = tmask & live & (mode == _MAG_REL) & (nu_addr != 0)
+                    p = nu_addr.to(tl.pointer_type(tl.float32))
+                    tl.store(p + _N_NU, tl.load(o + _O_NU, mask=wb, other=0.0, cache_modifier=".cg"), mask=wb)
+                    tl.store(p + _N_INIT, tl.load(o + _O_NUINIT, mask=wb, other=0.0, cache_modifier=".cg"),
+                             mask=wb)
+                tl.store(o + _O_SKIP, tl.where(skip, 1.0, 0.0) + tl.zeros([SB], dtype=tl.float32), mask=tmask)
+            # the workspace back to zero for the next launch (stream order publishes it)
+            tl.store(sync_ptr + _SYNC_BAD, 0)
+            tl.store(sync_ptr + _SYNC_TICKET, 0)
+
+
+def finalize_workspace(device) -> torch.Tensor:
+    """The zeroed int32 workspace of :func:`launch_finalize` (kept zero between launches)."""
+    return torch.zeros(SYNC_SLOTS, dtype=torch.int32, device=device)
 
 
 def launch_finalize(partials, segs, hyper, nu, red, out, *, nu_mode: int, reduce_only: bool = False,
-                    max_seg_block: int = MAX_SEG_BLOCK) -> None:
-    """Launch 2 (one program): segment sums into ``red`` [S, 4] and, unless ``reduce_only``,
-    guidance.finalize's columns into ``out`` [S, len(OUT_COLS)].
+                    sync=None, max_seg_block: int = MAX_SEG_BLOCK) -> None:
+    """Launch 2 (``cdiv(S, SB)`` programs): segment sums into ``red`` [S, 4] and, unless
+    ``reduce_only``, guidance.finalize's columns into ``out`` [S, len(OUT_COLS)].
 
     ``nu_mode`` 0: every (ν, initialised) is (0, 0); 1: read from ``nu`` [S, 2]; 2: read through
     the addresses in ``segs[:, S_NU]`` (each a float32 [2] tensor, ``plan.seg_nus``) and written
-    back there for relative segments unless the step is skipped. ``max_seg_block``: the most
-    segments per tile (a power of two; the tests use large tiles to keep the interpreter fast)."""
+    back there for relative segments unless the step is skipped. ``sync``: the workspace of
+    :func:`finalize_workspace` on the tensors' device, zero on entry and left zero (a step
+    engine keeps one, so no launch is spent zeroing it; None allocates one). Launches that share
+    a workspace must run in one stream's order. ``max_seg_block``: the most segments per program
+    (a power of two; the tests use large tiles to keep the interpreter fast)."""
     S = segs.shape[0]
     if S == 0:
         return
+    if sync is None:
+        sync = finalize_workspace(out.device)
     count_launch("reduce" if reduce_only else "finalize")
     sb = min(max_seg_block, triton.next_power_of_2(S))
-    _finalize_kernel[(1,)](partials, segs, hyper, nu, red, out, S, _G.CANCEL_EPS * _EPS32, _G.BLEND_EPS * _EPS32,
-                           SB=sb, KB=FINALIZE_TILE // sb, NU_MODE=nu_mode, REDUCE_ONLY=reduce_only,
-                           num_warps=FINALIZE_WARPS, enable_fp_fusion=False)
+    grid = (triton.cdiv(S, sb),)
+    _finalize_kernel[grid](partials, segs, hyper, nu, red, out, sync, S, _G.CANCEL_EPS * _EPS32,
+                           _G.BLEND_EPS * _EPS32, SB=sb, KB=FINALIZE_TILE // sb, NU_MODE=nu_mode,
+                           REDUCE_ONLY=reduce_only, num_warps=FINALIZE_WARPS, enable_fp_fusion=False)

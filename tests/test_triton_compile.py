@@ -44,7 +44,8 @@ cases = {
               "BLOCK": "constexpr", "DT": "constexpr", "ALIGNED": "constexpr"},
               [dict(CHUNK=4096, BLOCK=1024, DT=dt, ALIGNED=True) for dt in (0, 1, -1)], 4, True),
     "finalize": (S._finalize_kernel, {"partials_ptr": "*fp32", "segs_ptr": "*i64", "hyper_ptr": "*fp32",
-                 "nu_ptr": "*fp32", "red_ptr": "*fp32", "out_ptr": "*fp32", "S": "i32", "cancel_tol": "fp32",
+                 "nu_ptr": "*fp32", "red_ptr": "*fp32", "out_ptr": "*fp32", "sync_ptr": "*i32", "S": "i32",
+                 "cancel_tol": "fp32",
                  "blend_tol": "fp32",
                  "SB": "constexpr", "KB": "constexpr", "NU_MODE": "constexpr", "REDUCE_ONLY": "constexpr"},
                  [dict(SB=sb, KB=2048 // sb, NU_MODE=nu, REDUCE_ONLY=ro) for sb, nu, ro in
@@ -65,6 +66,8 @@ for name, (fn, sig, variants, warps, fusion) in cases.items():
         report.append(dict(name=name, consts=consts, v4=len(re.findall(r"\.global\.v4", ptx)),
                            local=len(re.findall(r"(ld|st)\.local", ptx)), fma=len(re.findall(r"\bfma\.", ptx)),
                            cvt_bf16=len(re.findall(r"\bcvt\.rn\.bf16", ptx)),
+                           atom_acq_rel=len(re.findall(r"\batom\.\S*acq_rel", ptx)),
+                           ld_cg=len(re.findall(r"\bld\.global\.cg", ptx)),
                            regs=int(re.search(r"REG:(\d+)", res).group(1)),
                            sass=sum(1 for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", ln))))
 print(json.dumps(report))
@@ -93,6 +96,12 @@ def test_kernels_compile_for_sm90_vectorised_without_spills(report):
             assert r["v4"] > 0, f"16-byte vector accesses lost in {r}"
         if r["name"] == "finalize":
             assert r["fma"] == 0, f"FMA contraction in finalize (it must mirror guidance.finalize): {r}"
+            if not r["consts"]["REDUCE_ONLY"]:
+                # the grid's join: the ticket is an acq_rel atomic, and the last program reads the
+                # other programs' rows through L2 (ld.global.cg), never a stale L1 line
+                assert r["atom_acq_rel"] >= 1, f"finalize's ticket is not an acq_rel atomic: {r}"
+                if r["consts"]["NU_MODE"] == 2:
+                    assert r["ld_cg"] >= 1, f"finalize's pass 3 does not load through L2: {r}"
 
 
 # The bf16 apply (the 1B-model step) on sm_90, num_warps=4: budget 96 registers (5+ CTAs of 128

@@ -255,6 +255,49 @@ def test_finalize_matches_guidance(S, with_bad):
     assert torch.equal(torch.stack([t.cpu() for t in states]), expect)
 
 
+@pytest.mark.parametrize("bad_at", [None, 0, 18, 36], ids=["finite", "bad-first", "bad-middle", "bad-last"])
+def test_finalize_grid_equals_one_program(bad_at, monkeypatch):
+    """The grid of finalize (one program per tile of segments, the last to finish writes the
+    global skip and the ν write-back) gives the bits of one program walking every segment,
+    whichever tile holds the one non-finite segment; the workspace is left zero."""
+    _, kstats, _ = _kernels()
+    S = 37
+    stats, hyper, nu = _random_segment_stats(random.Random(5), S, False)
+    hyper[:, G.H_MODE] = G.MAG_MODES["relative"]  # every segment writes ν back unless skipped
+    if bad_at is not None:
+        stats[bad_at, 2] = float("nan")
+    grids = []
+    real = kstats._finalize_kernel
+
+    class Recorder:  # records each launch's grid
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kstats, "_finalize_kernel", Recorder())
+    results = {}
+    for sb in (64, 16, 4, 2):
+        states = [row.clone().to(DEVICE) for row in nu]
+        segs = _segs_table([(s, s + 1) for s in range(S)], [t.data_ptr() for t in states])
+        sync = kstats.finalize_workspace(DEVICE)
+        red = torch.empty(S, 4, device=DEVICE)
+        out = torch.empty(S, len(G.OUT_COLS), device=DEVICE)
+        kstats.launch_finalize(stats.to(DEVICE), segs, hyper.to(DEVICE), torch.zeros(1, device=DEVICE), red, out,
+                               nu_mode=2, sync=sync, max_seg_block=sb)
+        assert grids[-1] == (-(-S // min(sb, 64)),)  # the premise: 1, 3, 10 and 19 programs ran
+        assert torch.equal(sync.cpu(), torch.zeros(kstats.SYNC_SLOTS, dtype=torch.int32)), "workspace not reset"
+        results[sb] = (red.cpu(), out.cpu(), torch.stack([t.cpu() for t in states]))
+    assert [g[0] for g in grids] == [1, 3, 10, 19]
+    want = G.finalize(stats, hyper, nu)
+    for sb, (red, out, states) in results.items():
+        _assert_out_close(out, want)
+        for x, y in zip((red, out, states), results[64]):
+            assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)), sb
+        skipped = bad_at is not None
+        assert bool((out[:, G.O_SKIP] == float(skipped)).all()), sb
+        assert torch.equal(states, nu if skipped else want[:, [G.O_NU, G.O_NUINIT]]), sb
+
+
 def test_finalize_segmented_sums_are_fixed_order_and_exact_enough():
     """Segments of 0..700 partial rows (several tiles): sums against float64, and a second run
     (and a run with other segments around) gives the same bits."""

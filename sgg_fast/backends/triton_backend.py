@@ -1,8 +1,9 @@
 """Adapter for the Triton backend (the kernels in ``kernels/``, installed as ``sgg_fast.kernels``).
 
 One step is three kernel launches whatever the number of tensors (DESIGN §3): statistics (one
-multi-tensor launch, per-chunk partials), finalize (one program: fixed-order segment sums, α, β,
-skip, ν and the stats row) and apply (one multi-tensor launch: guided AdamW, or the in-place
+multi-tensor launch, per-chunk partials), finalize (one program per tile of segments:
+fixed-order segment sums, α, β, ν and the stats row; the last program to finish writes the
+global skip) and apply (one multi-tensor launch: guided AdamW, or the in-place
 ``g ← α·g + β·r`` of GradientGuidance). Each segment's ``(norm_ema, initialised)`` (a float32 [2]
 tensor, ``plan.seg_nus``) is read and written back by finalize through its address, so relative
 mode adds no launch either.
@@ -85,6 +86,7 @@ class _Tables:
         self.segs = {}  # key -> int64 [S, SEG_COLS] on the device
         self.plan = None  # weakref to the plan the tables were last validated for
         self.plan_uses = -1  # and its StepPlan.uses then (a reused plan is a new step)
+        self.sync = None  # finalize's int32 workspace on the device (zero between launches)
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -443,7 +445,7 @@ class TritonBackend(Backend):
         return Partials(tab.partials, list(tab.seg_offsets))
 
     def reduce(self, plan: StepPlan, partials: Partials) -> Partials:
-        """Fixed-order segment sums (one program; deterministic), e.g. before an all-reduce."""
+        """Fixed-order segment sums (one program per tile of segments; deterministic), e.g. before an all-reduce."""
         if partials.is_reduced:
             return partials
         kstats, _, L = _kernels()
@@ -452,7 +454,9 @@ class TritonBackend(Backend):
         S = plan.num_segments
         red = torch.empty(S, 4, dtype=torch.float32, device=plan.home)
         with _on(plan.home):
-            kstats.launch_finalize(partials.values, segs, red, red, red, red, nu_mode=0, reduce_only=True)
+            kstats.launch_finalize(
+                partials.values, segs, red, red, red, red, nu_mode=0, reduce_only=True, sync=self._sync(tab, plan.home)
+            )
         return Partials(red, list(range(S + 1)))
 
     def finalize(self, plan: StepPlan, partials: Partials) -> torch.Tensor:
@@ -473,8 +477,17 @@ class TritonBackend(Backend):
         red = torch.empty(S, 4, dtype=torch.float32, device=dev)
         out = torch.empty(S, len(G.OUT_COLS), dtype=torch.float32, device=dev)
         with _on(dev):
-            kstats.launch_finalize(values, segs, hyper, values, red, out, nu_mode=2)
+            kstats.launch_finalize(values, segs, hyper, values, red, out, nu_mode=2, sync=self._sync(tab, dev))
         return out
+
+    @staticmethod
+    def _sync(tab: _Tables, dev: torch.device) -> torch.Tensor:
+        """Finalize's workspace, allocated zeroed once per optimizer and device (the kernel
+        leaves it zero, so no launch per step zeroes it)."""
+        if tab.sync is None or tab.sync.device != dev:
+            kstats, _, _ = _kernels()
+            tab.sync = kstats.finalize_workspace(dev)
+        return tab.sync
 
     def apply(self, plan: StepPlan, out: torch.Tensor) -> None:
         _, kapply, _ = _kernels()
