@@ -4,6 +4,7 @@ framework's optimizer wrapper, reading its skip counter, and the double-clipping
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,3 +76,12 @@ def skipped_steps(optimizer: Any) -> torch.Tensor | None:
     """``SGGAdamW.skipped_steps()`` of the SGGAdamW behind ``optimizer`` (None if there is none)."""
     opt = unwrap_optimizer(optimizer)
     return None if opt is None else opt.skipped_steps()
+
+
+def lazy_class(module_globals: dict, name: str, mixin: type, base: Callable[[], type], doc: str) -> type:
+    """``class <name>(mixin, base())`` built on first use and stored in the module's globals, for
+    a module ``__getattr__``: the framework (``base()`` imports it) is imported only when the
+    class is asked for, so importing the integration module imports no framework."""
+    cls = type(name, (mixin, base()), {"__doc__": doc, "__module__": module_globals["__name__"]})
+    module_globals[name] = cls
+    return cls

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._common import SkipTracker, unwrap_optimizer, warn_double_clipping
+from ._common import SkipTracker, lazy_class, unwrap_optimizer, warn_double_clipping
 
 
 def _pl():
@@ -78,13 +78,8 @@ def __getattr__(name: str):
     # built on first use (derives from Lightning's Callback), so importing this module imports
     # no Lightning
     if name == "SGGCallback":
-        cls = type(
-            "SGGCallback",
-            (_SGGCallbackMixin, _pl().Callback),
-            {"__doc__": "Lightning ``Callback`` for ``SGGAdamW`` (module docstring).", "__module__": __name__},
-        )
-        globals()["SGGCallback"] = cls
-        return cls
+        doc = "Lightning ``Callback`` for ``SGGAdamW`` (module docstring)."
+        return lazy_class(globals(), name, _SGGCallbackMixin, lambda: _pl().Callback, doc)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

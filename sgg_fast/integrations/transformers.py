@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from ..optimizer import GUIDANCE_DEFAULTS, SGGAdamW
-from ._common import SkipTracker, clipping_message, unwrap_optimizer, warn_double_clipping
+from ._common import SkipTracker, clipping_message, lazy_class, unwrap_optimizer, warn_double_clipping
 
 TRAINER_CLIPPING = ("warn", "keep", "error")
 
@@ -205,16 +205,8 @@ def __getattr__(name: str):
     # SGGCallback derives from transformers.TrainerCallback: built on first use, so importing
     # this module does not import transformers
     if name == "SGGCallback":
-        cls = type(
-            "SGGCallback",
-            (_SGGCallbackMixin, _callback_base()),
-            {
-                "__doc__": "``transformers.TrainerCallback`` for ``SGGAdamW`` (module docstring: Callback).",
-                "__module__": __name__,
-            },
-        )
-        globals()["SGGCallback"] = cls
-        return cls
+        doc = "``transformers.TrainerCallback`` for ``SGGAdamW`` (module docstring: Callback)."
+        return lazy_class(globals(), name, _SGGCallbackMixin, _callback_base, doc)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
