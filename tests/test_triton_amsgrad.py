@@ -7,7 +7,6 @@ Runs on CPU tensors under ``TRITON_INTERPRET=1`` and on CUDA tensors when a GPU 
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")  # noqa: E402
 
+import _amsgrad_common as A  # noqa: E402
 from sgg_fast import SGGAdamW  # noqa: E402
 from sgg_fast.backends import triton_backend as TB  # noqa: E402
 
@@ -24,17 +24,9 @@ if not INTERP and not torch.cuda.is_available():
     pytestmark = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
 
 SHAPES = [(65, 33), (5000,), (3,)]  # 5000 elements span three chunks of 2048 (fixture below)
-STEPS = 6
-LR, WD = 1e-2, 0.1
-BETAS = (0.9, 0.5)  # a short second-moment memory: v falls far below its running maximum
-U = 2.0**-24  # fp32 unit roundoff
-# Per step the fp32 kernel rounds ~10 operations per element (m, v, max, √, ÷, +eps, decay,
-# p update), each error ≤ u relative, and carries the previous steps' errors forward: ≤ 16·u
-# per step relative to |p| plus the same relative to the update (≤ lr·~3 for these gradients).
-# The compiled kernel's √ and ÷ are within 2 ulp: twice that.
-RTOL = (16 if INTERP else 32) * STEPS * U
-ATOL = RTOL * LR * 3
-ZERO = dict(lambda_dir=0.0, lambda_mag=0.0, lambda_align=0.0)
+# the compiled kernel's √ and ÷ are within 2 ulp: twice the interpreter's (IEEE) bound
+RTOL, ATOL = A.tolerances(A.ULPS_PER_STEP if INTERP else 2 * A.ULPS_PER_STEP)
+LR, BETAS, WD, ZERO = A.LR, A.BETAS, A.WD, A.ZERO
 
 
 @pytest.fixture(autouse=True)
@@ -46,48 +38,19 @@ def small_chunks(monkeypatch):
 
 
 def _grads(k: int, gen: torch.Generator):
-    # large gradients first, then small ones: v decays below its running maximum, so amsgrad's
-    # denominator differs from AdamW's
-    scale = 10.0 if k < 2 else 0.1
-    return [torch.randn(s, generator=gen, dtype=torch.float64) * scale for s in SHAPES]
+    return A.grads(SHAPES, k, gen)
 
 
-def _run(make, dtype, steps=STEPS):
-    gen = torch.Generator().manual_seed(7)
-    ps = [torch.randn(s, generator=gen, dtype=torch.float64).to(DEVICE, dtype).requires_grad_() for s in SHAPES]
-    opt = make(ps)
-    for k in range(steps):
-        for p, g in zip(ps, _grads(k, gen)):
-            p.grad = g.to(DEVICE, dtype)
-        opt.step()
-    return ps, opt
+def _run(make, dtype, steps=A.STEPS):
+    return A.run(make, SHAPES, dtype, DEVICE, steps)
 
 
 def _sgg(amsgrad, backend="triton", **lambdas):
-    def make(ps):
-        return SGGAdamW(ps, lr=LR, betas=BETAS, weight_decay=WD, amsgrad=amsgrad, backend=backend, **lambdas)
-
-    return make
-
-
-def _adamw(amsgrad):
-    return lambda ps: torch.optim.AdamW(ps, lr=LR, betas=BETAS, weight_decay=WD, amsgrad=amsgrad, foreach=False)
+    return A.sgg(amsgrad, backend, **lambdas)
 
 
 def test_amsgrad_matches_torch_adamw():
-    got, opt = _run(_sgg(True, **ZERO), torch.float32)
-    assert opt._engine._resolved.name == "triton"
-    ref, ref_opt = _run(_adamw(True), torch.float64)
-    plain, _ = _run(_adamw(False), torch.float64)
-    for g, r, q in zip(got, ref, plain):
-        torch.testing.assert_close(g.detach().double(), r.detach(), rtol=RTOL, atol=ATOL)
-        # premise: amsgrad changes the result by far more than the tolerance
-        assert (q - r).abs().max() > 100 * (ATOL + RTOL * r.abs().max())
-    for g, r in zip(got, ref):
-        st, rst = opt.state[g], ref_opt.state[r]
-        torch.testing.assert_close(st["max_exp_avg_sq"].double(), rst["max_exp_avg_sq"], rtol=RTOL, atol=0.0)
-        torch.testing.assert_close(st["exp_avg_sq"].double(), rst["exp_avg_sq"], rtol=RTOL, atol=0.0)
-        assert bool((st["max_exp_avg_sq"] > st["exp_avg_sq"]).any())
+    A.check_matches_torch_adamw("triton", SHAPES, DEVICE, RTOL, ATOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -118,41 +81,8 @@ def test_without_amsgrad_the_plain_kernel_runs():
 
 
 def test_amsgrad_per_group_and_loaded_from_adamw():
-    """One group with amsgrad, one without (the kernel's per-tensor switch); then a torch
-    AdamW(amsgrad=True) checkpoint continues in SGGAdamW[triton] like AdamW."""
-    gen = torch.Generator().manual_seed(3)
-    a = [torch.randn(s, generator=gen).to(DEVICE).requires_grad_() for s in SHAPES]
-    b = [t.detach().clone().requires_grad_() for t in a]
-    groups = lambda ps: [{"params": ps[:2], "amsgrad": True}, {"params": ps[2:]}]  # noqa: E731
-    opt = SGGAdamW(groups(a), lr=LR, betas=BETAS, backend="triton", **ZERO)
-    ref = torch.optim.AdamW(groups(b), lr=LR, betas=BETAS, foreach=False)
-    for k in range(4):
-        for x, y, g in zip(a, b, _grads(k, gen)):
-            x.grad, y.grad = g.float().to(DEVICE), g.float().to(DEVICE)
-        opt.step()
-        ref.step()
-    assert opt._engine._resolved.name == "triton"
+    opt = A.check_per_group_and_loaded_from_adamw("triton", SHAPES, DEVICE, RTOL, ATOL)
     assert opt._engine.cache.triton.amsgrad is True  # one launch: VM = 0 for the last tensor
-    assert "max_exp_avg_sq" not in opt.state[a[2]]
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL)
-
-    c = [t.detach().clone().requires_grad_() for t in b]
-    resumed = SGGAdamW(groups(c), lr=LR, betas=BETAS, backend="triton", **ZERO)
-    resumed.load_state_dict(copy.deepcopy(ref.state_dict()))  # as from disk: no shared tensors
-    for k in range(2):
-        for x, y, g in zip(c, b, _grads(k + 4, gen)):
-            x.grad, y.grad = g.float().to(DEVICE), g.float().to(DEVICE)
-        resumed.step()
-        ref.step()
-    assert resumed._engine._resolved.name == "triton"
-    for x, y in zip(c, b):
-        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL)
-        if "max_exp_avg_sq" in ref.state[y]:
-            torch.testing.assert_close(resumed.state[x]["max_exp_avg_sq"], ref.state[y]["max_exp_avg_sq"],
-                                       rtol=RTOL, atol=0.0)
-        else:
-            assert "max_exp_avg_sq" not in resumed.state[x]
 
 
 def test_amsgrad_mixed_dtypes_in_one_launch_match_torch_backend():
