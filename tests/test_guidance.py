@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from _vector_cases import arrange
 from oracle import Oracle
 from sgg_fast import guidance as G
 
@@ -20,16 +21,7 @@ def _case(seed):
     g = torch.randn(n, dtype=torch.float64) * rng.choice([1e-3, 1.0, 30.0])
     kind = rng.choice(["random", "conflict", "aligned", "zero_r", "zero_g", "antiparallel"])
     r = torch.randn(n, dtype=torch.float64) * rng.choice([0.1, 1.0])
-    if kind == "conflict":
-        g = g - 3 * r * g.norm() / r.norm()
-    elif kind == "aligned":
-        g = g + 3 * r * g.norm() / r.norm()
-    elif kind == "zero_r":
-        r = torch.zeros_like(r)
-    elif kind == "zero_g":
-        g = torch.zeros_like(g)
-    elif kind == "antiparallel":
-        g = -2.5 * r
+    g, r = arrange(kind, g, r)
     h = dict(lambda_dir=rng.choice([0.0, 0.5, 1.0, rng.random()]),
              lambda_mag=rng.choice([0.0, 0.5, 1.0, rng.random()]),
              lambda_align=rng.choice([0.0, 1.0, rng.random()]),

@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("triton")  # noqa: E402  (the module is skipped, not failed, without triton)
 
+from _vector_cases import KINDS, arrange  # noqa: E402
 from sgg_fast import GradientGuidance, SGGAdamW  # noqa: E402
 from sgg_fast import guidance as G  # noqa: E402
 from sgg_fast.backends import get_backend, resolve  # noqa: E402
@@ -170,26 +171,13 @@ def _random_segment_stats(rng, S, with_bad):
     """Statistics of S random segments (every kind: zeros, conflicts, antiparallel, aligned,
     no reference, tiny/huge norms), computed in fp32 from explicit vectors."""
     rows, hyper, nus = [], [], []
-    kinds = ["random", "conflict", "aligned", "zero_r", "zero_g", "antiparallel", "parallel", "zero_all"]
+    kinds = KINDS
     for s in range(S):
         n = rng.choice([1, 3, 40])
         g = torch.randn(n, dtype=F64) * rng.choice([1e-3, 1.0, 50.0])
         r = torch.randn(n, dtype=F64) * rng.choice([0.1, 1.0])
         kind = kinds[s % len(kinds)]
-        if kind == "conflict":
-            g = g - 3 * r * g.norm() / r.norm()
-        elif kind == "aligned":
-            g = g + 3 * r * g.norm() / r.norm()
-        elif kind == "zero_r":
-            r = torch.zeros_like(r)
-        elif kind == "zero_g":
-            g = torch.zeros_like(g)
-        elif kind == "antiparallel":
-            g = -rng.choice([0.3, 2.5]) * r
-        elif kind == "parallel":
-            g = 1.7 * r
-        elif kind == "zero_all":
-            g, r = torch.zeros_like(g), torch.zeros_like(r)
+        g, r = arrange(kind, g, r, anti=rng.choice([0.3, 2.5]) if kind == "antiparallel" else 2.5)
         p = torch.randn(n, dtype=F64) * rng.choice([1e-5, 1.0])
         g, r, p = g.float(), r.float(), p.float()
         rows.append(torch.stack([(g * g).sum(), (r * r).sum(), (g * r).sum(), (p * p).sum()]))
