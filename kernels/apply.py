@@ -35,19 +35,14 @@ from sgg_fast import guidance as _G
 
 from . import count_launch
 from . import layout as L
-from .stats import _F_ALIGNED, BLOCK, INTERPRET, NUM_WARPS, _load_f32, _ptr
+from .stats import _F_ALIGNED, BLOCK, INTERPRET, NUM_WARPS, _chunk_meta, _load_f32, _ptr
 
-_MC = tl.constexpr(L.META_COLS)
-_G_ = tl.constexpr(L.G)
-_R_ = tl.constexpr(L.R)
 _P_ = tl.constexpr(L.P)
 _M_ = tl.constexpr(L.M)
 _V_ = tl.constexpr(L.V)
 _STEP = tl.constexpr(L.STEP)
-_NUMEL = tl.constexpr(L.NUMEL)
 _SEG = tl.constexpr(L.SEG)
 _GROUP = tl.constexpr(L.GROUP)
-_FLAGS = tl.constexpr(L.FLAGS)
 _LR = tl.constexpr(L.LR)
 _VM_ = tl.constexpr(L.VM)
 _R_READ = tl.constexpr(L.R_READ)
@@ -214,19 +209,12 @@ def _apply_kernel(
     ALIGNED: tl.constexpr,  # some tensor is 16-byte aligned: compile the vector path (FLAGS bit 7 picks it)
     AMS: tl.constexpr = False,  # some tensor has amsgrad: compile its path (meta column VM != 0 picks it)
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunks_ptr + pid * 2)
-    start = tl.load(chunks_ptr + pid * 2 + 1)
-    mrow = meta_ptr + row * _MC
-    g_addr = tl.load(mrow + _G_)
-    r_addr = tl.load(mrow + _R_)
+    row, start, mrow, g_addr, r_addr, numel, flags = _chunk_meta(meta_ptr, chunks_ptr)
     p_addr = tl.load(mrow + _P_)
     m_addr = tl.load(mrow + _M_)
     v_addr = tl.load(mrow + _V_)
-    numel = tl.load(mrow + _NUMEL)
     seg = tl.load(mrow + _SEG)
     grp = tl.load(mrow + _GROUP)
-    flags = tl.load(mrow + _FLAGS)
     code = flags & 3
     rkind = (flags >> 2) & 3
     read_r = (rkind == _R_READ) | (rkind == _R_EMA)
@@ -328,16 +316,9 @@ def _guide_kernel(
     DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS)
     ALIGNED: tl.constexpr,  # some tensor is 16-byte aligned: compile the vector path (FLAGS bit 7 picks it)
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunks_ptr + pid * 2)
-    start = tl.load(chunks_ptr + pid * 2 + 1)
-    mrow = meta_ptr + row * _MC
-    g_addr = tl.load(mrow + _G_)
-    r_addr = tl.load(mrow + _R_)
-    numel = tl.load(mrow + _NUMEL)
+    _row, start, mrow, g_addr, r_addr, numel, flags = _chunk_meta(meta_ptr, chunks_ptr)
     seg = tl.load(mrow + _SEG)
     grp = tl.load(mrow + _GROUP)
-    flags = tl.load(mrow + _FLAGS)
     code = flags & 3
     rkind = (flags >> 2) & 3
     read_r = (rkind == _R_READ) | (rkind == _R_EMA)

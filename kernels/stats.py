@@ -148,6 +148,18 @@ def _load_f32(addr, offs, mask, code, DT: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _chunk_meta(meta_ptr, chunks_ptr):
+    """This program's chunk of a multi-tensor launch: (its tensor's row in the meta table, the
+    chunk's first element, the address of that row, and the row's g address, r address, numel
+    and FLAGS)."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks_ptr + pid * 2)
+    start = tl.load(chunks_ptr + pid * 2 + 1)
+    mrow = meta_ptr + row * _MC
+    return row, start, mrow, tl.load(mrow + _G_), tl.load(mrow + _R_), tl.load(mrow + _NUMEL), tl.load(mrow + _FLAGS)
+
+
+@triton.jit
 def _stats_block(g_addr, r_addr, p_addr, offs, mask, has_r, want_pp, code, DT: tl.constexpr,
                  ALIGNED: tl.constexpr):
     """g², r², g·r, p² of one block (r = 0 unless ``has_r``, p = 0 unless ``want_pp``)."""
@@ -193,14 +205,8 @@ def _stats_kernel(
     COPY_STEPS: tl.constexpr,  # copy step counts into steps_ptr (SGGAdamW, not GradientGuidance)
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunks_ptr + pid * 2)
-    start = tl.load(chunks_ptr + pid * 2 + 1)
-    mrow = meta_ptr + row * _MC
-    g_addr = tl.load(mrow + _G_)
-    r_addr = tl.load(mrow + _R_)
+    row, start, mrow, g_addr, r_addr, numel, flags = _chunk_meta(meta_ptr, chunks_ptr)
     p_addr = tl.load(mrow + _P_)
-    numel = tl.load(mrow + _NUMEL)
-    flags = tl.load(mrow + _FLAGS)
     code = flags & 3
     has_r = ((flags >> 2) & 3) != _R_NONE
     want_pp = (flags & _F_PP) != 0
