@@ -4,23 +4,7 @@
 // copy of its inline code cannot collide with the default one.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC target("avx2,fma,f16c,bmi2")
-// The pragma does not define the ISA macros that headers test (sleef.h declares its
-// vector functions under #ifdef __AVX__ ...): define them for this file only.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __BMI2__
-#define __BMI2__ 1
-#endif
+#include "isa_x86_avx2_macros.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define SGG_ISA_NAME avx2

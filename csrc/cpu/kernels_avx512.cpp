@@ -8,23 +8,8 @@
 // _mm512_max_ps, the masked loads/stores, conversions) is inlined; this file only.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
-// The pragma does not define the ISA macros that headers test (sleef.h declares its
-// vector functions under #ifdef __AVX__ ...): define them for this file only.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __BMI2__
-#define __BMI2__ 1
-#endif
+#include "isa_x86_avx2_macros.h"
+// and the AVX-512 ones, for this file only
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
