@@ -30,7 +30,9 @@ BIG="${GPU_CHECK_BIG:-1B}"
 SMALL="${GPU_CHECK_SMALL:-135M}"
 T0=$(date +%s)
 # time boxes (seconds); their sum must fit in BUDGET with PACK_S spare for packing and summary
-ENV_S=20 BUILD_S=150 TESTS_S=120 BIG_S=110 SMALL_S=70 COMPILE_S=80 PACK_S=15
+# (tests: the whole Triton kernel suite runs on the GPU, compiling every kernel variant once;
+# the benchmark stages then find them in triton's cache)
+ENV_S=20 BUILD_S=120 TESTS_S=180 BIG_S=100 SMALL_S=60 COMPILE_S=70 PACK_S=15
 RESULT_FILES=2
 FAILED=()
 fail() { FAILED+=("$1"); echo "== FAILED: $1"; }

@@ -20,8 +20,10 @@ from sgg_fast.backends import triton_backend as TB  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERP else "cuda"
-if not INTERP and not torch.cuda.is_available():
-    pytestmark = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
+if not INTERP:
+    # on CUDA tensors: every test of this file is a GPU test (benchmarks/gpu_check.sh runs -m cuda)
+    _why = "needs TRITON_INTERPRET=1 (CPU) or a CUDA device"
+    pytestmark = [pytest.mark.cuda] + ([] if torch.cuda.is_available() else [pytest.mark.skip(reason=_why)])
 
 SHAPES = [(65, 33), (5000,), (3,)]  # 5000 elements span three chunks of 2048 (fixture below)
 # the compiled kernel's √ and ÷ are within 2 ulp: twice the interpreter's (IEEE) bound

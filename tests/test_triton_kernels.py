@@ -26,8 +26,11 @@ INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cpu" if INTERP else "cuda"
 
-if not INTERP and not HAS_CUDA:
-    pytestmark = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
+if not INTERP:
+    # on CUDA tensors: every test of this file is a GPU test (benchmarks/gpu_check.sh runs -m cuda)
+    pytestmark = [pytest.mark.cuda] + (
+        [] if HAS_CUDA else [pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")]
+    )
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
