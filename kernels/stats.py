@@ -96,6 +96,10 @@ CHUNK_INTERPRET = 4096
 #: 17 programs and 1000 as 63, instead of one program walking them all.
 FINALIZE_TILE = 2048
 MAX_SEG_BLOCK = 16
+#: segments per iteration of finalize's pass 3 (the last program walks every segment: a few loads
+#: and stores each, so a wide tile: 8 warps, one segment per thread)
+FINALIZE_PASS3_TILE = 256
+_P3 = tl.constexpr(FINALIZE_PASS3_TILE)
 #: int32 slots of the finalize workspace (launch_finalize's ``sync``)
 SYNC_BAD = 0  # OR of every tile's "non-finite" flag
 SYNC_TICKET = 1  # programs finished with passes 1-2
@@ -457,21 +461,21 @@ def _finalize_kernel(
             live = bad_all == 0
             # ---- pass 3 (last program, all tiles): the global skip; ν restored (skipped) or
             # written back (relative). Other programs' rows are read with .cg (L2, not L1). ---
-            for t0 in range(0, S, SB):
-                tidx = t0 + tl.arange(0, SB)
+            for t0 in range(0, S, _P3):
+                tidx = t0 + tl.arange(0, _P3)
                 tmask = tidx < S
-                o = out_ptr + tidx * _NOUT
-                nu_old, nu_flag, nu_addr = _load_nu(nu_ptr, segs_ptr, tidx, tmask, SB, NU_MODE)
-                tl.store(o + _O_NU, nu_old, mask=tmask & skip)
-                tl.store(o + _O_NUINIT, nu_flag, mask=tmask & skip)
+                o3 = out_ptr + tidx * _NOUT
+                nu_old3, nu_flag3, nu_addr3 = _load_nu(nu_ptr, segs_ptr, tidx, tmask, _P3, NU_MODE)
+                tl.store(o3 + _O_NU, nu_old3, mask=tmask & skip)
+                tl.store(o3 + _O_NUINIT, nu_flag3, mask=tmask & skip)
                 if NU_MODE == 2:
-                    mode = tl.load(hyper_ptr + tidx * _NHYP + _H_MODE, mask=tmask, other=0.0)
-                    wb = tmask & live & (mode == _MAG_REL) & (nu_addr != 0)
-                    p = nu_addr.to(tl.pointer_type(tl.float32))
-                    tl.store(p + _N_NU, tl.load(o + _O_NU, mask=wb, other=0.0, cache_modifier=".cg"), mask=wb)
-                    tl.store(p + _N_INIT, tl.load(o + _O_NUINIT, mask=wb, other=0.0, cache_modifier=".cg"),
-                             mask=wb)
-                tl.store(o + _O_SKIP, tl.where(skip, 1.0, 0.0) + tl.zeros([SB], dtype=tl.float32), mask=tmask)
+                    mode3 = tl.load(hyper_ptr + tidx * _NHYP + _H_MODE, mask=tmask, other=0.0)
+                    wb3 = tmask & live & (mode3 == _MAG_REL) & (nu_addr3 != 0)
+                    p3 = nu_addr3.to(tl.pointer_type(tl.float32))
+                    tl.store(p3 + _N_NU, tl.load(o3 + _O_NU, mask=wb3, other=0.0, cache_modifier=".cg"), mask=wb3)
+                    tl.store(p3 + _N_INIT, tl.load(o3 + _O_NUINIT, mask=wb3, other=0.0, cache_modifier=".cg"),
+                             mask=wb3)
+                tl.store(o3 + _O_SKIP, tl.where(skip, 1.0, 0.0) + tl.zeros([_P3], dtype=tl.float32), mask=tmask)
             # the workspace back to zero for the next launch (stream order publishes it)
             tl.store(sync_ptr + _SYNC_BAD, 0)
             tl.store(sync_ptr + _SYNC_TICKET, 0)
