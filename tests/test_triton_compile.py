@@ -51,6 +51,23 @@ cases = {
                  [dict(SB=sb, KB=2048 // sb, NU_MODE=nu, REDUCE_ONLY=ro) for sb, nu, ro in
                   ((1, 2, False), (16, 1, False), (16, 0, True))], 8, False),
 }
+def join_barriers(ptx):
+    """finalize's grid join: (a bar.sync between the last global store before the acq_rel ticket
+    and the ticket: every thread's pass 1-2 stores precede the release; a bar.sync between the
+    acquire read of the bad flag and the next global load: the other threads are ordered after
+    the acquire), or None without a ticket."""
+    lines = ptx.splitlines()
+    ticket = next((i for i, ln in enumerate(lines) if re.search(r"\batom\.\S*acq_rel", ln)), None)
+    acquire = next((i for i, ln in enumerate(lines) if re.search(r"\batom\.\S*\.acquire\.", ln)), None)
+    if ticket is None or acquire is None:
+        return None
+    last_store = max((i for i in range(ticket) if "st.global" in lines[i]), default=-1)
+    before = any("bar.sync" in ln for ln in lines[last_store + 1:ticket])
+    next_load = next((i for i in range(acquire + 1, len(lines)) if "ld.global" in lines[i]), len(lines))
+    after = any("bar.sync" in ln for ln in lines[acquire + 1:next_load])
+    return [before, after]
+
+
 report = []
 for name, (fn, sig, variants, warps, fusion) in cases.items():
     for consts in variants:
@@ -67,6 +84,7 @@ for name, (fn, sig, variants, warps, fusion) in cases.items():
                            local=len(re.findall(r"(ld|st)\.local", ptx)), fma=len(re.findall(r"\bfma\.", ptx)),
                            cvt_bf16=len(re.findall(r"\bcvt\.rn\.bf16", ptx)),
                            atom_acq_rel=len(re.findall(r"\batom\.\S*acq_rel", ptx)),
+                           join_barriers=join_barriers(ptx),
                            ld_cg=len(re.findall(r"\bld\.global\.cg", ptx)),
                            regs=int(re.search(r"REG:(\d+)", res).group(1)),
                            sass=sum(1 for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", ln))))
@@ -100,6 +118,7 @@ def test_kernels_compile_for_sm90_vectorised_without_spills(report):
                 # the grid's join: the ticket is an acq_rel atomic, and the last program reads the
                 # other programs' rows through L2 (ld.global.cg), never a stale L1 line
                 assert r["atom_acq_rel"] >= 1, f"finalize's ticket is not an acq_rel atomic: {r}"
+                assert r["join_barriers"] == [True, True], f"finalize's grid join lost a CTA barrier: {r}"
                 if r["consts"]["NU_MODE"] == 2:
                     assert r["ld_cg"] >= 1, f"finalize's pass 3 does not load through L2: {r}"
 

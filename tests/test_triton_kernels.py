@@ -289,6 +289,45 @@ def test_finalize_grid_equals_one_program(bad_at, monkeypatch):
         assert torch.equal(states, nu if skipped else want[:, [G.O_NU, G.O_NUINIT]]), sb
 
 
+STRESS_SEGMENTS, STRESS_LAUNCHES = 4096, 300
+
+
+@pytest.mark.skipif(INTERP, reason="a GPU stress test (256 programs x 300 launches): too slow interpreted")
+def test_finalize_grid_stress_on_the_gpu():
+    """Real concurrency for the grid join: 4096 segments (256 programs) over 300 launches that
+    share one workspace, a non-finite segment in a random tile every third launch. Each launch
+    must skip exactly when it has the bad segment, write ν back only when it does not, and leave
+    the workspace zero."""
+    _, kstats, _ = _kernels()
+    S = STRESS_SEGMENTS
+    stats, hyper, nu = _random_segment_stats(random.Random(9), S, False)
+    hyper[:, G.H_MODE] = G.MAG_MODES["relative"]
+    want = G.finalize(stats, hyper, nu)
+    rng = random.Random(10)
+    sync = kstats.finalize_workspace(DEVICE)
+    red = torch.empty(S, 4, device=DEVICE)
+    out = torch.empty(S, len(G.OUT_COLS), device=DEVICE)
+    nus = nu.to(DEVICE)
+    for n in range(STRESS_LAUNCHES):
+        bad = rng.randrange(S) if n % 3 == 0 else None
+        st = stats.clone()
+        if bad is not None:
+            st[bad, 0] = float("inf")
+        states = nus.clone()  # rows are the segments' (ν, initialised) tensors
+        segs = _segs_table([(s, s + 1) for s in range(S)], [states[s].data_ptr() for s in range(S)])
+        out.fill_(float("nan"))
+        kstats.launch_finalize(st.to(DEVICE), segs, hyper.to(DEVICE), torch.zeros(1, device=DEVICE), red, out,
+                               nu_mode=2, sync=sync)
+        got = out.cpu()
+        assert torch.equal(sync.cpu(), torch.zeros(kstats.SYNC_SLOTS, dtype=torch.int32)), n
+        assert bool((got[:, G.O_SKIP] == float(bad is not None)).all()), n
+        if bad is None:
+            _assert_out_close(got, want)
+            assert torch.equal(states.cpu(), want[:, [G.O_NU, G.O_NUINIT]]), n
+        else:
+            assert torch.equal(states.cpu(), nu), n
+
+
 def test_finalize_segmented_sums_are_fixed_order_and_exact_enough():
     """Segments of 0..700 partial rows (several tiles): sums against float64, and a second run
     (and a run with other segments around) gives the same bits."""
