@@ -80,7 +80,7 @@ CLASSES = ("tech", "business", "politics", "sport", "entertainment")  # corpus4c
 SOURCE_LABEL = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1}  # hard news vs soft news
 #: source tasks on the same disjoint source pool (a method picks one with ``@source=<name>``):
 #: "hard-soft" is the default above; "cross" is a second 2-way labelling that splits both of
-#: hard-soft's classes (tech and sport against the rest), so it shares no boundary with it;
+#: hard-soft's classes (tech and sport against the rest);
 #: "topics" is the target's own 5 labels on the disjoint pool (the most related source possible)
 SOURCE_TASKS = {
     "hard-soft": SOURCE_LABEL,

@@ -106,7 +106,7 @@ SYNC_TICKET = 1  # programs finished with passes 1-2
 SYNC_SLOTS = 2
 _SYNC_BAD = tl.constexpr(SYNC_BAD)
 _SYNC_TICKET = tl.constexpr(SYNC_TICKET)
-#: num_warps of the multi-tensor kernels / of the one-program finalize
+#: num_warps of the multi-tensor kernels / of each finalize program
 NUM_WARPS = 4
 FINALIZE_WARPS = 8
 

@@ -28,7 +28,7 @@ if not INTERP:
 SHAPES = [(65, 33), (5000,), (3,)]  # 5000 elements span three chunks of 2048 (fixture below)
 # the compiled kernel's √ and ÷ are within 2 ulp: twice the interpreter's (IEEE) bound
 RTOL, ATOL = A.tolerances(A.ULPS_PER_STEP if INTERP else 2 * A.ULPS_PER_STEP)
-LR, BETAS, WD, ZERO = A.LR, A.BETAS, A.WD, A.ZERO
+LR, BETAS, WD = A.LR, A.BETAS, A.WD
 
 
 @pytest.fixture(autouse=True)
