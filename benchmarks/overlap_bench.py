@@ -56,6 +56,11 @@ SIZES = {
                       num_key_value_heads=4, vocab_size=16384, tie_word_embeddings=True),
     "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=True),
+    # the same without tied input/output embeddings: the output projection's gradient is final
+    # first in backward instead of last, so an in-backward step frees it at once
+    "llama-100m-untied": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                              num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
+                              tie_word_embeddings=False),
 }
 PRESETS.update(SIZES)
 
@@ -174,6 +179,36 @@ def peak_bytes(model, opt, x, device) -> int:
     return live + measure.peak_of(measure.cpu_memory_events(lambda: train_step(model, opt, x, device)))[0]
 
 
+def run_interleaved(keys, model, x, args, device):
+    """Every variant on its own copy of the model, stepped in turn: timed step i of each variant
+    runs next to step i of the others (in an order rotated every step), so the drift of a machine
+    (frequency, other processes, the allocator's state) falls on all of them alike and the ratio
+    of two variants can be taken step by step (``--interleave``)."""
+    import copy
+
+    models, opts, handles = {}, {}, {}
+    out = {k: ([], None, []) for k in keys}
+    try:
+        for k in keys:
+            models[k] = copy.deepcopy(model)
+            opts[k], handles[k] = make_variant(k, models[k], args.lr)
+        for _ in range(args.warmup):
+            for k in keys:
+                out[k][2].append(train_step(models[k], opts[k], x, device))
+        for i in range(args.steps):
+            order = keys[i % len(keys):] + keys[:i % len(keys)]
+            for k in order:
+                out[k][2].append(train_step(models[k], opts[k], x, device, out[k][0]))
+        for k in keys:
+            out[k] = (out[k][0], peak_bytes(models[k], opts[k], x, device), out[k][2])
+    finally:
+        for h in handles.values():
+            if h is not None:
+                h.remove()
+        models.clear()
+    return out
+
+
 def run_variant(key, model, snapshot, x, args, device):
     with torch.no_grad():
         for p, s in zip(model.parameters(), snapshot):
@@ -228,6 +263,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--interleave", action="store_true",
+                    help="one model copy per variant, the variants stepped in turn (run_interleaved); "
+                         "the ratios are then medians of per-step ratios. Needs memory for all copies.")
+    ap.add_argument("--clock", default=None, choices=["wall", "cpu"],
+                    help="what the total and the ratios use: wall time (default on CUDA, and on CPU with "
+                         "--interleave) or process CPU time (default otherwise: robust on a shared machine)")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--stat", default="min", choices=["min", "median"],
                     help="per column, over the timed steps: min (the sample least disturbed by other "
@@ -262,8 +303,12 @@ def main(argv=None) -> int:
     keys = [k.strip() for k in args.variants.split(",") if k.strip()]
     results = {k: dict(times=[], peaks=[], losses=None) for k in keys}
     for _ in range(args.rounds):
+        if args.interleave:
+            runs = run_interleaved(keys, model, x, args, device)
+        else:
+            runs = {k: run_variant(k, model, snapshot, x, args, device) for k in keys}
         for k in keys:
-            times, peak, losses = run_variant(k, model, snapshot, x, args, device)
+            times, peak, losses = runs[k]
             results[k]["times"] += times
             results[k]["peaks"].append(peak)
             results[k]["losses"] = losses
@@ -272,9 +317,12 @@ def main(argv=None) -> int:
           f"tokens, {device.type}\n")
     print(f"- {info['date']}; {info['cpu']}; {threads}; torch {info['torch']}; sgg_fast {info['sgg_fast']}; "
           f"load {info['load']}")
-    print(f"- {args.stat} over {args.rounds} × {args.steps} steps; gradients {grad_bytes / 2**20:.0f} MiB\n")
     cpu = device.type == "cpu"
-    unit = "CPU ms" if cpu else "ms"
+    clock = args.clock or ("cpu" if cpu and not args.interleave else "wall")
+    how = "interleaved, ratios are medians of per-step ratios" if args.interleave else "variant after variant"
+    print(f"- {args.stat} over {args.rounds} × {args.steps} steps ({how}; {clock} clock); gradients "
+          f"{grad_bytes / 2**20:.0f} MiB\n")
+    unit = "CPU ms" if clock == "cpu" else "ms"
     print(f"| | optimizer | forward {unit} | backward {unit} | step() {unit} | total {unit} | × a | × b | "
           "total wall ms | in hooks CPU ms | optimizer CPU ms | opt × a | peak MiB | peak − a MiB | loss (last) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -284,12 +332,22 @@ def main(argv=None) -> int:
     medians = {k: [statistics.median(t[j] for t in r["times"]) * 1e3 for j in range(10)]
                for k, r in results.items()}
     peaks = {k: statistics.median(r["peaks"]) for k, r in results.items()}
-    col = 4 if cpu else 0   # CPU time on a CPU (robust on a shared machine), wall time on CUDA
-    base = {k: med[k][col + 3] for k in ("a", "b") if k in med}
+    col = 4 if clock == "cpu" else 0
+
+    def ratio(k, ref):
+        """k's total over ref's: the median of the per-step ratios when interleaved."""
+        if ref not in results:
+            return None
+        if args.interleave:
+            pairs = zip(results[k]["times"], results[ref]["times"])
+            return statistics.median(t[col + 3] / u[col + 3] for t, u in pairs)
+        return med[k][col + 3] / med[ref][col + 3]
+
     a_peak = peaks.get("a")
     for k in keys:
         m = med[k]
         f, b, s, t = m[col:col + 4]
+        xa, xb = ratio(k, "a"), ratio(k, "b")
         row = dict(model=name, params=n_params, dtype=args.dtype, batch=args.batch, seq=args.seq,
                    device=device.type, variant=k, optimizer=VARIANTS[k], forward_ms=m[0], backward_ms=m[1],
                    step_ms=m[2], total_ms=m[3], cpu_forward_ms=m[4], cpu_backward_ms=m[5], cpu_step_ms=m[6],
@@ -297,13 +355,14 @@ def main(argv=None) -> int:
                    peak_mib=peaks[k] / 2**20, grad_mib=grad_bytes / 2**20,
                    loss_last=results[k]["losses"][-1], date=info["date"], cpu=info["cpu"], threads=threads,
                    load=info["load"], samples=len(results[k]["times"]), stat=args.stat,
+                   interleaved=args.interleave, clock=clock, x_a=xa, x_b=xb,
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                    medians=dict(zip(("forward_ms", "backward_ms", "step_ms", "total_ms", "cpu_forward_ms",
                                      "cpu_backward_ms", "cpu_step_ms", "cpu_total_ms", "hooks_cpu_ms",
                                      "optimizer_cpu_ms"), medians[k])))
         rows.append(row)
-        ra = f"{t / base['a']:.3f}" if "a" in base else "–"
-        rb = f"{t / base['b']:.3f}" if "b" in base else "–"
+        ra = f"{xa:.3f}" if xa is not None else "–"
+        rb = f"{xb:.3f}" if xb is not None else "–"
         dpeak = f"{(peaks[k] - a_peak) / 2**20:+.0f}" if a_peak is not None else "–"
         ro = f"{m[9] / med['a'][9]:.2f}" if "a" in med and med["a"][9] else "–"
         print(f"| {k} | {VARIANTS[k]} | {f:.1f} | {b:.1f} | {s:.1f} | {t:.1f} | {ra} | {rb} | {m[3]:.0f} | "
@@ -329,20 +388,24 @@ def report(path: str | None) -> int:
               f"{any_row['device']}, {date}\n")
         malloc = ("; glibc malloc kept freed memory (GLIBC_TUNABLES)"
                   if "trim_threshold" in any_row.get("glibc_tunables", "") else "")
+        clock = any_row.get("clock", "cpu" if any_row["device"] == "cpu" else "wall")
+        how = ("interleaved, × a / × b are medians of per-step ratios" if any_row.get("interleaved")
+               else "variant after variant")
         print(f"{any_row['cpu']}; load {any_row.get('load', '?')}; "
-              f"{any_row.get('stat', 'median')} over {any_row.get('samples', '?')} steps; gradients "
-              f"{any_row['grad_mib']:.0f} MiB{malloc}.\n")
-        cpu = any_row["device"] == "cpu"
-        u = "CPU ms" if cpu else "ms"
-        print(f"| | optimizer | total {u} | × a | × b | optimizer {u} (hooks + step) | step() {u} | "
+              f"{any_row.get('stat', 'median')} over {any_row.get('samples', '?')} steps ({how}); "
+              f"{clock} clock; gradients {any_row['grad_mib']:.0f} MiB{malloc}.\n")
+        u = "CPU ms" if clock == "cpu" else "ms"
+        print(f"| | optimizer | total {u} | × a | × b | optimizer CPU ms (hooks + step) | step() {u} | "
               "peak MiB | peak − a |")
         print("|---|---|---|---|---|---|---|---|---|")
-        pre = "cpu_" if cpu else ""
+        pre = "cpu_" if clock == "cpu" else ""
         a, b = vs.get("a"), vs.get("b")
         for k, r in vs.items():
             t = r[pre + "total_ms"]
-            xa = f"{t / a[pre + 'total_ms']:.2f}" if a else "–"
-            xb = f"{t / b[pre + 'total_ms']:.2f}" if b else "–"
+            xa = r.get("x_a") or (t / a[pre + "total_ms"] if a else None)
+            xb = r.get("x_b") or (t / b[pre + "total_ms"] if b else None)
+            xa = "–" if xa is None else f"{xa:.3f}"
+            xb = "–" if xb is None else f"{xb:.3f}"
             d = r["peak_mib"] - a["peak_mib"] if a else 0.0
             dp = f"{d:+.0f} MiB ({d / r['grad_mib'] * 100:+.0f} % of grads)" if a else "–"
             print(f"| {k} | {r['optimizer']} | {t:.0f} | {xa} | {xb} | {r['optimizer_cpu_ms']:.1f} | "

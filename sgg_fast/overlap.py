@@ -60,7 +60,7 @@ import torch
 from . import backends as _backends
 from . import distributed as _distributed
 from .backends.base import Partials
-from .plan import REF_MOMENTUM, Segment, StepCache, StepPlan, check_grad, describe
+from .plan import REF_MOMENTUM, Segment, StepCache, StepPlan, TensorPlanReuse, check_grad, describe
 from .validation import REFERENCES
 
 __all__ = ["overlap_backward", "OverlapHandle", "MODES"]
@@ -173,6 +173,8 @@ class OverlapHandle:
         self._used: dict[torch.Tensor, Any] = {}  # mode "step": params stepped this step
         self._outs: list[tuple] = []  # mode "step": (position, finalize rows, label) of each hook
         self._caches: dict[torch.Tensor, StepCache] = {}
+        #: each parameter's last checked one-tensor plan (plan.TensorPlanReuse)
+        self._reuse: dict[torch.Tensor, TensorPlanReuse] = {}
         self._backend_cache: dict = {}
         self._warned_backend = False
         self._index: dict[torch.Tensor, tuple[int, int]] = {}
@@ -260,6 +262,20 @@ class OverlapHandle:
             c = self._caches[p] = StepCache()
         return c
 
+    def _reused(self, p: torch.Tensor, g: torch.Tensor) -> StepPlan | None:
+        """``p``'s plan of the last step, if nothing it was built and checked from changed."""
+        r = self._reuse.get(p)
+        if r is None:
+            return None
+        plan = r.reuse(p, g, self._opt.param_groups, self._opt.state)
+        if plan is None:
+            del self._reuse[p]
+        return plan
+
+    def _remember(self, p: torch.Tensor, plan: StepPlan) -> None:
+        if self._opt._reuse_plans:
+            self._reuse[p] = TensorPlanReuse(plan, self._opt.param_groups, self._opt.state)
+
     def _one_plan(self, p: torch.Tensor, g: torch.Tensor) -> StepPlan:
         """The plan of tensor ``p`` alone (one segment), checked like ``build_plan`` checks."""
         gi, pi = self._where(p)
@@ -320,6 +336,23 @@ class OverlapHandle:
 
     def _stats_one(self, p: torch.Tensor, g: torch.Tensor) -> None:
         """Mode "stats": this tensor's statistics rows, as the full step would compute them."""
+        plan = self._reused(p, g)
+        try:
+            if plan is not None and self._backend(plan).name not in PRECOMPUTED_STATS_BACKENDS:
+                plan = None  # the backend changed (SGG_FAST_BACKEND): check it again
+            if plan is None:
+                plan = self._new_stats_plan(p, g)
+                if plan is None:
+                    return  # step() takes these statistics itself
+                self._remember(p, plan)
+            self._take_stats(p, g, plan)
+        finally:
+            if plan is not None:
+                plan.grads = []  # a kept plan must not keep this gradient alive
+
+    def _new_stats_plan(self, p: torch.Tensor, g: torch.Tensor) -> StepPlan | None:
+        """A checked one-tensor statistics plan (its reference attached), or None when the
+        statistics cannot be taken here (step() then takes them, or raises its error)."""
         plan = self._one_plan(p, g)
         group = plan.segments[0].group
         mode = REFERENCES.index(group["reference"])
@@ -327,9 +360,9 @@ class OverlapHandle:
         name = "exp_avg" if mode == REF_MOMENTUM else "ref"
         ref = st.get(name)
         if ref is None and group["reference"] == "source":
-            return  # step() raises its "no reference was set" error
+            return None  # step() raises its "no reference was set" error
         if ref is not None and (ref.shape != p.shape or ref.dtype != p.dtype or ref.device != p.device):
-            return  # step() raises its state-mismatch error
+            return None  # step() raises its state-mismatch error
         plan.refs.append(ref)  # None: no state yet, the step starts from a zero reference
         backend = self._backend(plan)
         if backend.name not in PRECOMPUTED_STATS_BACKENDS:
@@ -343,11 +376,17 @@ class OverlapHandle:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            return
+            return None
         if backend.same_layout:  # its input_reasons for a statistics-only plan, inline
             st_ = p.stride()
             if (g.numel() > 1 and g.stride() != st_) or (ref is not None and ref.numel() > 1 and ref.stride() != st_):
-                return  # step() takes these statistics itself (and says why if it cannot)
+                return None  # step() takes these statistics itself (and says why if it cannot)
+        return plan
+
+    def _take_stats(self, p: torch.Tensor, g: torch.Tensor, plan: StepPlan) -> None:
+        group = plan.segments[0].group
+        ref = plan.refs[0]
+        backend = self._backend(plan)
         values = backend.stats(plan).values
         want_pp = group["mag_mode"] == "param"
         self._stats[p] = _Stats(
@@ -365,11 +404,21 @@ class OverlapHandle:
         opt = self._opt
         if not self._used:  # the first hook of this step: settings cannot change during backward
             opt._check_settings(opt.param_groups)
-        plan = self._one_plan(p, g)
-        opt._check_state(plan)
-        pending = opt._init_group(plan)
-        out = opt._engine.run(plan, "apply")
-        opt._commit(pending, opt._engine.last_host_skip is True)
+        plan = self._reused(p, g)
+        try:
+            pending: dict = {}
+            if plan is None:
+                plan = self._one_plan(p, g)
+                opt._check_state(plan)
+                pending = opt._init_group(plan)
+            out = opt._engine.run(plan, "apply")
+            skipped = opt._engine.last_host_skip is True
+            opt._commit(pending, skipped)
+            if not plan.reused and not (skipped and pending):
+                self._remember(p, plan)
+        finally:
+            if plan is not None:
+                plan.grads = []  # a kept plan must not keep this gradient alive
         self._outs.append(((plan.group_index[0], plan.param_index[0]), out, plan.segments[0].label))
         self._used[p] = True
         p.grad = None

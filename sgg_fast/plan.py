@@ -36,6 +36,7 @@ __all__ = [
     "StepPlan",
     "build_plan",
     "PlanReuse",
+    "TensorPlanReuse",
     "memo",
     "describe",
     "REFERENCES",
@@ -284,6 +285,68 @@ class PlanReuse:
             if g.get("norm_ema") is not nu:
                 return None
         plan.grads = grads
+        plan.reused = True
+        plan.uses += 1
+        return plan
+
+
+class TensorPlanReuse:
+    """One parameter's one-tensor plan (``overlap_backward``'s hooks), handed out again while
+    nothing it was built from has changed: :class:`PlanReuse` for a plan of one tensor, whose
+    other tensors' gradients are not looked at (in a hook, some of them are not final yet).
+
+    Checked: the same ``param_groups[gi]`` dict holding ``p`` at position ``pi`` with the same
+    structural settings; ``p``'s shape, strides, dtype and device and the gradient's shape and
+    strides equal to what was checked; the same ``state`` dict whose entry for ``p`` is the same
+    dict with the same keys and the same objects (so ``load_state_dict``, ``set_reference`` or a
+    replaced tensor rebuilds). Anything else, or any exception while checking, returns None.
+    """
+
+    __slots__ = ("plan", "group", "gi", "pi", "structure", "param_meta", "grad_meta", "state", "entry", "keys", "vals")
+
+    def __init__(self, plan: StepPlan, groups: list[dict], state: dict):
+        p = plan.params[0]
+        self.plan = plan
+        self.gi, self.pi = plan.group_index[0], plan.param_index[0]
+        self.group = groups[self.gi]
+        self.structure = _structure([self.group])
+        self.param_meta = (p.shape, p.stride(), p.dtype, p.device)
+        g = plan.grads[0]
+        self.grad_meta = (g.shape, g.stride())
+        self.state = state
+        self.entry = state.get(p)
+        self.keys = None if self.entry is None else tuple(self.entry)
+        self.vals = None if self.entry is None else list(self.entry.values())
+
+    def reuse(self, p: torch.Tensor, g: torch.Tensor, groups: list[dict], state: dict) -> StepPlan | None:
+        """The plan with ``grads = [g]`` (``reused`` True) if nothing above changed, else None."""
+        try:
+            return self._reuse(p, g, groups, state)
+        except Exception:  # e.g. a sparse gradient (no strides)
+            return None
+
+    def _reuse(self, p, g, groups, state) -> StepPlan | None:
+        group = self.group
+        if self.gi >= len(groups) or groups[self.gi] is not group or state is not self.state:
+            return None
+        ps = group["params"]
+        if self.pi >= len(ps) or ps[self.pi] is not p:
+            return None
+        if (g.shape, g.stride()) != self.grad_meta or (p.shape, p.stride(), p.dtype, p.device) != self.param_meta:
+            return None
+        if _structure([group]) != self.structure:
+            return None
+        entry = state.get(p)
+        if entry is not self.entry:
+            return None
+        if (
+            entry is not None
+            and self.vals is not None
+            and (tuple(entry) != self.keys or not _same(list(entry.values()), self.vals))
+        ):
+            return None
+        plan = self.plan
+        plan.grads = [g]
         plan.reused = True
         plan.uses += 1
         return plan

@@ -213,3 +213,99 @@ def test_reused_plan_is_dropped_by_pickling(backend):
     assert opt._reuse is not None
     clone = copy.deepcopy(opt)
     assert clone._reuse is None
+
+
+# -- overlap_backward: each hook's one-tensor plan (plan.TensorPlanReuse) --------------------
+
+#: the edits of EDITS that a training loop with hooks can make between steps (the gradients come
+#: from backward, so the gradient edits do not apply)
+OVERLAP_EDITS = [
+    "amsgrad_on",
+    "bad_setting",
+    "lr_and_lambda_change",
+    "mag_mode_param",
+    "norm_ema_reset",
+    "param_data_same_shape",
+    "reference_ema",
+    "state_deleted",
+    "state_dict_replaced",
+    "state_tensor_replaced",
+    "state_tensor_wrong_shape",
+]
+OVERLAP_MODES = [("stats", "group"), ("step", "tensor")]
+
+
+def _overlap_pair(backend, mode, gran, **kw):
+    from sgg_fast import overlap_backward
+
+    pair = _pair(backend, granularity=gran, **kw)
+    for ps, opt in pair:
+        overlap_backward(ps, opt, mode=mode)
+    return pair
+
+
+def _train_both(pair, t: int):
+    """backward (the hooks) + step on both; both raise the same error or both succeed."""
+    gen = torch.Generator().manual_seed(2000 + t)
+    weights = [torch.randn(s, generator=gen) for s in SHAPES]
+    results = []
+    for ps, opt in pair:
+        try:
+            sum((p * w).sum() for p, w in zip(ps, weights)).backward()
+            opt.step()
+            results.append(None)
+        except Exception as e:  # noqa: BLE001 - the exception itself is compared
+            results.append((type(e), str(e)))
+        opt.zero_grad()
+    assert results[0] == results[1]
+    _assert_same(_snapshot(*pair[0]), _snapshot(*pair[1]))
+    return results[0]
+
+
+@pytest.mark.parametrize("mode,gran", OVERLAP_MODES)
+def test_hooks_reuse_their_plans(backend, mode, gran):
+    pair = _overlap_pair(backend, mode, gran)
+    for t in range(4):
+        assert _train_both(pair, t) is None
+    (ps, opt), (_ps2, opt2) = pair
+    reuse = opt._overlap._reuse
+    if mode == "stats" and backend not in ("cpu", "cuda", "torch"):
+        assert not reuse  # step() takes the statistics (overlap.PRECOMPUTED_STATS_BACKENDS)
+        return
+    # the premise: every hook hands out its plan of the last step, the rebuilding one none
+    assert set(reuse) == set(ps) and all(r.plan.uses >= 2 and r.plan.grads == [] for r in reuse.values())
+    assert not opt2._overlap._reuse
+
+
+@pytest.mark.parametrize("mode,gran", OVERLAP_MODES)
+@pytest.mark.parametrize("edit", OVERLAP_EDITS)
+def test_hooks_edit_between_steps_matches_a_fresh_plan(backend, mode, gran, edit):
+    kw = {"mag_mode": "relative"} if edit == "norm_ema_reset" else {}
+    pair = _overlap_pair(backend, mode, gran, **kw)
+    for t in range(3):
+        assert _train_both(pair, t) is None
+    _do(pair, EDITS[edit])
+    result = _train_both(pair, 10)
+    assert (result is None) == (edit not in ("bad_setting", "state_tensor_wrong_shape")), result
+    if result is None:
+        for t in range(11, 13):
+            assert _train_both(pair, t) is None
+
+
+@pytest.mark.parametrize("mode,gran", OVERLAP_MODES)
+def test_hooks_load_state_dict_and_set_reference_between_steps(backend, mode, gran):
+    pair = _overlap_pair(backend, mode, gran, reference="source")
+    gen = torch.Generator().manual_seed(3)
+    refs = [torch.randn(s, generator=gen) for s in SHAPES]
+    _do(pair, lambda ps, opt: opt.set_reference(refs))
+    saved = []
+    for t in range(3):
+        assert _train_both(pair, t) is None
+        if t == 0:
+            saved = [copy.deepcopy(opt.state_dict()) for _ps, opt in pair]
+    _do(pair, lambda ps, opt: opt.set_reference([r.flip(0) if r.dim() else -r for r in refs]))
+    assert _train_both(pair, 5) is None
+    for (_ps, opt), sd in zip(pair, saved):
+        opt.load_state_dict(sd)
+    for t in range(6, 9):
+        assert _train_both(pair, t) is None
