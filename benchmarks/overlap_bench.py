@@ -16,6 +16,10 @@ in code) or ``--smollm2`` (SmolLM2-135M with its real weights, loaded offline as
 * ``e``  ``SGGAdamW(granularity="tensor")`` with ``overlap_backward(model, opt, mode="step")``:
   the whole step in backward, each gradient freed once used.
 
+``--interleave`` (the method of the issue-16 figures in RESULTS.md): every variant gets its own
+copy of the model and the variants are stepped in turn, so step i of each runs next to step i of the
+others; "× a" / "× b" are then medians of per-step ratios of wall time.
+
 Columns: the minimum (``--stat``) over ``--steps`` timed steps (after ``--warmup``; ``--rounds`` repeats the whole
 sequence of variants, which spreads the drift of a shared machine over all of them) of forward,
 backward (which includes the optimizer work for ``b``/``e``), ``step()`` (end of backward to end
