@@ -215,6 +215,7 @@ class OverlapHandle:
         self._stats.clear()
         self._used.clear()
         self._outs.clear()
+        self._reuse.clear()
 
     def __enter__(self):
         return self
