@@ -13,6 +13,9 @@
 #   bench    benchmarks.run tables without torch.compile (1B bf16, then 135M fp32+bf16); rows are
 #            appended to the report as each finishes; a table without a finite SGGAdamW[cuda] and
 #            SGGAdamW[triton] row fails it
+#   overlap  benchmarks/overlap_bench.py --interleave on a Llama-shaped model in plain torch (the
+#            image has no transformers), bf16 then fp32: AdamW, AdamW in backward, SGGAdamW, SGG
+#            statistics in backward, SGG step in backward (issue 16); a run without rows fails it
 #   compile  the torch.compile(eager SGG) rows last, each in its own time box
 # Results: exactly two files under $OUT: report.md (written as the stages finish) and
 # gpu_check_logs.tar.gz (logs, CSVs, PNGs; re-packed after every stage). The exit status is
@@ -28,11 +31,13 @@ BUDGET="${GPU_CHECK_BUDGET:-565}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 BIG="${GPU_CHECK_BIG:-1B}"
 SMALL="${GPU_CHECK_SMALL:-135M}"
+OVERLAP_MODEL="${GPU_CHECK_OVERLAP_MODEL:-llama-100m}"   # a preset of benchmarks/overlap_bench.py
 T0=$(date +%s)
 # time boxes (seconds); their sum must fit in BUDGET with PACK_S spare for packing and summary
 # (tests: the whole Triton kernel suite runs on the GPU, compiling every kernel variant once;
 # the benchmark stages then find them in triton's cache)
-ENV_S=20 BUILD_S=120 TESTS_S=180 BIG_S=100 SMALL_S=60 COMPILE_S=70 PACK_S=15
+# (overlap: ~6 s of model set-up per dtype, then 13 interleaved steps of 5 variants)
+ENV_S=15 BUILD_S=110 TESTS_S=175 BIG_S=90 SMALL_S=50 OVERLAP_S=40 COMPILE_S=70 PACK_S=15
 RESULT_FILES=2
 FAILED=()
 fail() { FAILED+=("$1"); echo "== FAILED: $1"; }
@@ -76,8 +81,20 @@ for s in sys.argv[1:]:
     else
       fail "tables: benchmarks.workloads cannot plan sizes $BIG / $SMALL"
     fi
+    if PYTHONPATH="$PWD" "$PY" -c "
+import sys, torch
+from types import SimpleNamespace
+from benchmarks import overlap_bench, torch_llama
+with torch.device('meta'):
+    m = torch_llama.LlamaLike(SimpleNamespace(**overlap_bench.PRESETS[sys.argv[1]]))
+print(f'overlap: {sys.argv[1]} in plain torch: {sum(p.numel() for p in m.parameters())/1e6:.0f}M parameters')
+" "$OVERLAP_MODEL"; then
+      echo "overlap: bf16 + fp32, variants a,b,c,d,e interleaved (box ${OVERLAP_S}s)"
+    else
+      fail "overlap: benchmarks/overlap_bench.py cannot build preset $OVERLAP_MODEL in plain torch"
+    fi
   fi
-  total=$(( ENV_S + BUILD_S + TESTS_S + BIG_S + SMALL_S + COMPILE_S + PACK_S ))
+  total=$(( ENV_S + BUILD_S + TESTS_S + BIG_S + SMALL_S + OVERLAP_S + COMPILE_S + PACK_S ))
   (( total <= BUDGET )) && echo "budget: stage boxes sum to ${total}s ≤ ${BUDGET}s" \
     || fail "budget: stage boxes sum to ${total}s > ${BUDGET}s"
   echo "result files: $RESULT_FILES (report.md, gpu_check_logs.tar.gz under \$OUT=$OUT)"
@@ -185,6 +202,27 @@ sys.exit(0 if ok else 1)" >> "$WORK/build.log" 2>&1; then
   }
   bench "big_bf16" $BIG_S sgg --size "$BIG" --dtype bf16 --no-compile
   bench "small" $SMALL_S sgg --size "$SMALL" --dtype fp32,bf16 --no-compile
+
+  # -- the step inside backward (issue 16) ------------------------------------------------------------
+  section "overlap_backward ($OVERLAP_MODEL, plain torch)"
+  t=$(box $OVERLAP_S)
+  if (( $(left) - PACK_S < 20 )); then
+    fail "overlap: no time left"
+  else
+    echo "== overlap_bench $OVERLAP_MODEL (box ${t}s)"
+    for dt in bf16 fp32; do
+      SGG_FAST_NO_JIT=1 timeout $(( t / 2 )) "$PY" benchmarks/overlap_bench.py --device "$DEVICE" \
+          --config "$OVERLAP_MODEL" --impl torch --dtype "$dt" --batch 4 --seq 256 --steps 10 --warmup 3 \
+          --interleave --stat median --variants a,b,c,d,e --json "$WORK/overlap.jsonl" \
+          > "$WORK/overlap_$dt.log" 2>&1 || fail "overlap $dt: exit $? (overlap_$dt.log)"
+    done
+    if [ -s "$WORK/overlap.jsonl" ]; then
+      "$PY" benchmarks/overlap_bench.py --report --json "$WORK/overlap.jsonl" >> "$REPORT" 2>&1
+    else
+      fail "overlap: no rows (overlap_bf16.log, overlap_fp32.log)"
+    fi
+  fi
+  pack
   bench "compile_momentum" $COMPILE_S compiled --size "$BIG" --dtype bf16 --compile --compile-refs momentum \
       --rows '^torch\.compile'
   if (( $(left) - PACK_S > COMPILE_S )); then

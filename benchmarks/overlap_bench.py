@@ -255,12 +255,33 @@ def _with_malloc_tunables(args) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def _load(args, device, dtype):
+    """The model to train: SmolLM2 or a preset through transformers, or a preset in plain torch."""
+    import importlib.util
+
+    impl = args.impl
+    if impl == "auto":
+        impl = "transformers" if args.smollm2 or importlib.util.find_spec("transformers") else "torch"
+    if impl == "torch":
+        if args.smollm2 or args.config not in PRESETS:
+            raise SystemExit(f"--impl torch builds the presets only ({', '.join(PRESETS)}); "
+                             "SmolLM2's weights and JSON configs need transformers")
+        from benchmarks import torch_llama
+
+        model = torch_llama.build(PRESETS[args.config], device, dtype)
+        return model, None, f"{args.config} (Llama-shaped, random weights, plain torch)"
+    return load_model(argparse.Namespace(config=args.config), device, dtype)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", default=None, help=f"a preset ({', '.join(PRESETS)}) or a JSON file")
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M, real weights (offline)")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--impl", default="auto", choices=["auto", "transformers", "torch"],
+                    help="--config models: transformers' LlamaForCausalLM, or benchmarks/torch_llama.py "
+                         "(plain torch, the same parameters; auto: transformers when installed)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
@@ -298,7 +319,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     threads = measure.choose_threads(args.threads, device)
     dtype = DTYPES[args.dtype]
-    model, tokenizer, name = load_model(argparse.Namespace(config=args.config), device, dtype)
+    model, tokenizer, name = _load(args, device, dtype)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
