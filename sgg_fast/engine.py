@@ -70,13 +70,16 @@ class StepEngine:
         if key != self._resolved_key or self._resolved is None:
             self._resolved = _backends.resolve(self.backend, plan, fused_only=self.fused)
             self._resolved_key = key
-        elif not plan.reused:  # a reused plan's tensors and layouts are the ones checked
+        elif not (plan.reused and plan.checked_backend is self._resolved):
+            # a reused plan's tensors and layouts are the ones it was checked with, against the
+            # backend it names (overlap_backward's one-tensor plans share this engine)
             reasons = self._resolved.input_reasons(plan)
             if reasons:
                 if self.backend == "auto" and not os.environ.get(_backends.ENV_VAR):
                     self._resolved = _backends.resolve("auto", plan, fused_only=self.fused)
                 else:
                     _backends.resolve(self._resolved.name, plan)  # raises with the reasons
+        plan.checked_backend = self._resolved
         return self._resolved
 
     def scratch_nu(self, s: int, device: torch.device) -> torch.Tensor:

@@ -181,7 +181,7 @@ class OverlapHandle:
         # autograd runs the hooks of each device on that device's thread: one hook at a time
         self._lock = threading.Lock()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
-        self._handles.append(optimizer.register_load_state_dict_post_hook(lambda opt: self._stats.clear()))
+        self._handles.append(optimizer.register_load_state_dict_post_hook(lambda opt: self._forget()))
         self._amp_attr = optimizer.__dict__.get("_step_supports_amp_scaling", _MISSING)
         # GradScaler.step(opt) then hands the scale over as opt.grad_scale, which step() refuses
         optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]
@@ -199,6 +199,12 @@ class OverlapHandle:
             self._accumulating -= 1
 
     no_sync = accumulate
+
+    def _forget(self) -> None:
+        """After ``load_state_dict``: drop the statistics taken and the kept plans (they refer to
+        the old state)."""
+        self._stats.clear()
+        self._reuse.clear()
 
     def remove(self) -> None:
         """Remove the hooks: the optimizer steps the ordinary way again."""
@@ -337,10 +343,11 @@ class OverlapHandle:
 
     def _stats_one(self, p: torch.Tensor, g: torch.Tensor) -> None:
         """Mode "stats": this tensor's statistics rows, as the full step would compute them."""
-        plan = self._reused(p, g)
+        plan = kept = self._reused(p, g)
         try:
-            if plan is not None and self._backend(plan).name not in PRECOMPUTED_STATS_BACKENDS:
-                plan = None  # the backend changed (SGG_FAST_BACKEND): check it again
+            if plan is not None and self._backend(plan) is not plan.checked_backend:
+                del self._reuse[p]  # the backend changed (SGG_FAST_BACKEND): check again
+                plan = None
             if plan is None:
                 plan = self._new_stats_plan(p, g)
                 if plan is None:
@@ -348,8 +355,9 @@ class OverlapHandle:
                 self._remember(p, plan)
             self._take_stats(p, g, plan)
         finally:
-            if plan is not None:
-                plan.grads = []  # a kept plan must not keep this gradient alive
+            for q in (plan, kept):
+                if q is not None:
+                    q.grads = []  # a kept plan must not keep this gradient alive
 
     def _new_stats_plan(self, p: torch.Tensor, g: torch.Tensor) -> StepPlan | None:
         """A checked one-tensor statistics plan (its reference attached), or None when the
@@ -382,6 +390,7 @@ class OverlapHandle:
             st_ = p.stride()
             if (g.numel() > 1 and g.stride() != st_) or (ref is not None and ref.numel() > 1 and ref.stride() != st_):
                 return None  # step() takes these statistics itself (and says why if it cannot)
+        plan.checked_backend = backend
         return plan
 
     def _take_stats(self, p: torch.Tensor, g: torch.Tensor, plan: StepPlan) -> None:

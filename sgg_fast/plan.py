@@ -124,6 +124,9 @@ class StepPlan:
     uses: int = 0
     #: derived per-tensor lists that depend only on what a reused plan keeps (backends' memo)
     derived: dict[str, Any] = field(default_factory=dict)
+    #: the backend object this plan's tensors and layouts were last checked against (by
+    #: ``backends.resolve`` or its ``input_reasons``); a reused plan skips the check only for it
+    checked_backend: Any = None
     _devices: list[torch.device] | None = None
     _dtypes: list[torch.dtype] | None = None
 

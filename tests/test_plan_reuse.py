@@ -309,3 +309,84 @@ def test_hooks_load_state_dict_and_set_reference_between_steps(backend, mode, gr
         opt.load_state_dict(sd)
     for t in range(6, 9):
         assert _train_both(pair, t) is None
+
+
+def _backend_switch_case(reuse: bool):
+    """Three tensors stepped in hooks: c (bf16), a, b (fp32; b's exp_avg laid out unlike b after
+    the first step). Returns the values after four steps and the (tensor, backend) pairs used."""
+    from sgg_fast import overlap_backward
+
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(6, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    a = torch.randn(5, generator=gen).requires_grad_(True)
+    b = torch.randn(4, 3, generator=gen).requires_grad_(True)
+    opt = SGGAdamW([b, a, c], granularity="tensor", lr=1e-2, lambda_dir=0.3)
+    opt._reuse_plans = reuse
+    overlap_backward([b, a, c], opt, mode="step")
+    ids = {id(b): "b", id(a): "a", id(c): "c"}
+    names: list[tuple[str, str]] = []
+    resolve = opt._engine.resolve
+
+    def spy(plan):
+        be = resolve(plan)
+        names.append((ids[id(plan.params[0])], be.name))
+        return be
+
+    opt._engine.resolve = spy
+    for t in range(4):
+        ((b * 2).sum() + (a * 3).sum() + (c.float() * 4).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        if t == 0:
+            opt.state[b]["exp_avg"] = opt.state[b]["exp_avg"].t().contiguous().t()  # strides (1, 4)
+            names.clear()
+    return [t.detach().clone() for t in (a, b, c, opt.state[b]["exp_avg"])], sorted(set(names))
+
+
+def test_hooks_reused_plan_is_checked_again_against_another_backend():
+    """The hooks' one-tensor plans share the engine's backend choice. A reused plan skips the
+    backend's input checks only for the backend it was checked against: here a state laid out
+    unlike its parameter (the cpu backend cannot run it, so auto falls back to torch), stepped
+    between tensors of another dtype that make the engine choose the cpu backend again."""
+    import sgg_fast
+
+    if "cpu" not in sgg_fast.available_backends():
+        pytest.skip("needs the compiled cpu backend")
+    (got, chosen), (want, chosen_fresh) = _backend_switch_case(True), _backend_switch_case(False)
+    assert chosen == chosen_fresh
+    assert ("b", "torch") in chosen and ("a", "cpu") in chosen  # the premise: both backends ran
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+def test_hooks_stats_plans_follow_a_backend_switch_and_keep_no_gradient(monkeypatch):
+    import weakref
+
+    import sgg_fast
+    from sgg_fast import overlap_backward
+    from sgg_fast.backends import ENV_VAR
+
+    if "cpu" not in sgg_fast.available_backends():
+        pytest.skip("needs the compiled cpu backend")
+    ps = _model()
+    opt = SGGAdamW(ps, lr=1e-2)
+    h = overlap_backward(ps, opt, mode="stats")
+
+    def train():
+        sum((p * 2).sum() for p in ps).backward()
+        grads = [weakref.ref(p.grad) for p in ps]
+        opt.step()
+        opt.zero_grad()
+        return grads
+
+    monkeypatch.setenv(ENV_VAR, "cpu")
+    for _ in range(2):
+        train()
+    assert {r.plan.checked_backend.name for r in h._reuse.values()} == {"cpu"} and len(h._reuse) == len(ps)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    grads = train()
+    assert {r.plan.checked_backend.name for r in h._reuse.values()} == {"torch"} and len(h._reuse) == len(ps)
+    assert all(r.plan.grads == [] for r in h._reuse.values())
+    assert all(w() is None for w in grads)  # nothing kept this step's gradients alive
+    opt.load_state_dict(opt.state_dict())
+    assert not h._reuse  # the kept plans referred to the old state
