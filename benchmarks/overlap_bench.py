@@ -427,8 +427,12 @@ def report(path: str | None) -> int:
         a, b = vs.get("a"), vs.get("b")
         for k, r in vs.items():
             t = r[pre + "total_ms"]
-            xa = r.get("x_a") or (t / a[pre + "total_ms"] if a else None)
-            xb = r.get("x_b") or (t / b[pre + "total_ms"] if b else None)
+            xa = r.get("x_a")
+            xb = r.get("x_b")
+            if xa is None and a:
+                xa = t / a[pre + "total_ms"]
+            if xb is None and b:
+                xb = t / b[pre + "total_ms"]
             xa = "–" if xa is None else f"{xa:.3f}"
             xb = "–" if xb is None else f"{xb:.3f}"
             d = r["peak_mib"] - a["peak_mib"] if a else 0.0

@@ -394,9 +394,10 @@ class OverlapHandle:
         return plan
 
     def _take_stats(self, p: torch.Tensor, g: torch.Tensor, plan: StepPlan) -> None:
+        """The rows of a checked plan, on the backend it was checked for (plan.checked_backend)."""
         group = plan.segments[0].group
         ref = plan.refs[0]
-        backend = self._backend(plan)
+        backend = plan.checked_backend
         values = backend.stats(plan).values
         want_pp = group["mag_mode"] == "param"
         self._stats[p] = _Stats(

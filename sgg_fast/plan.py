@@ -313,9 +313,8 @@ class TensorPlanReuse:
         self.gi, self.pi = plan.group_index[0], plan.param_index[0]
         self.group = groups[self.gi]
         self.structure = _structure([self.group])
-        self.param_meta = (p.shape, p.stride(), p.dtype, p.device)
-        g = plan.grads[0]
-        self.grad_meta = (g.shape, g.stride())
+        self.param_meta = _param_meta([p])
+        self.grad_meta = _grad_meta(plan.grads)
         self.state = state
         self.entry = state.get(p)
         self.keys = None if self.entry is None else tuple(self.entry)
@@ -335,7 +334,7 @@ class TensorPlanReuse:
         ps = group["params"]
         if self.pi >= len(ps) or ps[self.pi] is not p:
             return None
-        if (g.shape, g.stride()) != self.grad_meta or (p.shape, p.stride(), p.dtype, p.device) != self.param_meta:
+        if _grad_meta([g]) != self.grad_meta or _param_meta([p]) != self.param_meta:
             return None
         if _structure([group]) != self.structure:
             return None
