@@ -28,13 +28,16 @@ another program writes.
 
 from __future__ import annotations
 
+if not __name__.startswith("sgg_fast."):
+    raise ImportError(f"{__name__} is part of sgg_fast: import it as sgg_fast.kernels (see kernels/README.md)")
+
 import triton
 import triton.language as tl
 
 from sgg_fast import guidance as _G
 
-from . import count_launch
 from . import layout as L
+from .launches import count_launch
 from .stats import _F_ALIGNED, BLOCK, INTERPRET, NUM_WARPS, _chunk_meta, _load_f32, _ptr
 
 _P_ = tl.constexpr(L.P)

@@ -36,6 +36,9 @@ Segment table ``segs``: int64 ``[S, SEG_COLS]``: first chunk, one past the last 
 address of the segment's ``norm_ema`` (0: none).
 """
 
+if not __name__.startswith("sgg_fast."):
+    raise ImportError(f"{__name__} is part of sgg_fast: import it as sgg_fast.kernels (see kernels/README.md)")
+
 G, R, P, M, V, STEP, NU, NUMEL, SEG, GROUP, FLAGS, LR, VM = range(13)
 META_COLS = 13  # rows of 104 bytes
 

@@ -27,6 +27,9 @@ sums do not depend on which program runs when, so the result is deterministic.
 
 from __future__ import annotations
 
+if not __name__.startswith("sgg_fast."):
+    raise ImportError(f"{__name__} is part of sgg_fast: import it as sgg_fast.kernels (see kernels/README.md)")
+
 import os
 
 import torch
@@ -35,8 +38,8 @@ import triton.language as tl
 
 from sgg_fast import guidance as _G
 
-from . import count_launch
 from . import layout as L
+from .launches import count_launch
 
 # ---- layout constants as compile-time constants -------------------------------------------
 _MC = tl.constexpr(L.META_COLS)

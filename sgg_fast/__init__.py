@@ -4,6 +4,7 @@
 """
 
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -11,16 +12,20 @@ import sys
 
 class _SourceTreeKernels(importlib.abc.MetaPathFinder):
     """Resolve ``sgg_fast.kernels`` to ``<checkout>/kernels`` when running from a source checkout
-    that was not installed (an install maps it through ``package_dir``)."""
+    that was not installed (an install maps it through ``package_dir``).
+
+    ``kernels/`` has no ``__init__.py`` (kernels/README.md: a regular package there would shadow
+    Hugging Face's ``kernels``), so ``sgg_fast.kernels`` is a namespace-style package whose one
+    location is that folder."""
 
     _dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 
     def find_spec(self, name, path=None, target=None):
-        if name != "sgg_fast.kernels" or not os.path.isfile(os.path.join(self._dir, "__init__.py")):
+        if name != "sgg_fast.kernels" or not os.path.isfile(os.path.join(self._dir, "layout.py")):
             return None
-        return importlib.util.spec_from_file_location(
-            name, os.path.join(self._dir, "__init__.py"), submodule_search_locations=[self._dir]
-        )
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [self._dir]
+        return spec
 
 
 # first in sys.meta_path: a checkout's own kernels win over another install's mapping (e.g. an

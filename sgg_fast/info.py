@@ -20,6 +20,23 @@ def backend_table() -> list[tuple[str, bool, str]]:
     return rows
 
 
+#: distributions whose versions decide whether a fresh clone works (torch's is printed above)
+DEPENDENCIES = ("triton", "transformers", "kernels", "accelerate", "deepspeed")
+
+
+def dependency_versions() -> str:
+    """One line: the installed version of each of :data:`DEPENDENCIES` ("-" where not installed)."""
+    import importlib.metadata as md
+
+    parts = []
+    for name in DEPENDENCIES:
+        try:
+            parts.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            parts.append(f"{name} -")
+    return "  ".join(parts)
+
+
 def main() -> int:
     import torch
 
@@ -29,12 +46,7 @@ def main() -> int:
         f"sgg_fast {sgg_fast.__version__}  python {platform.python_version()}  torch {torch.__version__}"
         f"  cuda available: {torch.cuda.is_available()}"
     )
-    try:
-        import importlib.metadata as md
-
-        print(f"triton {md.version('triton')}")
-    except Exception:
-        print("triton: not installed")
+    print(dependency_versions())
     from . import _ext
 
     print(_ext.status_line())  # loads (or JIT-builds) the compiled extension; says why not

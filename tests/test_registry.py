@@ -69,3 +69,23 @@ def test_info_lists_every_backend(capsys):
     out = capsys.readouterr().out
     for name in all_backends():
         assert name in out, f"python -m sgg_fast.info does not list backend {name!r}"
+
+
+def test_info_prints_the_dependency_versions(capsys):
+    """`python -m sgg_fast.info` (CI prints it) names the installed release of torch, triton,
+    transformers, kernels and deepspeed, or '-' where one is not installed."""
+    import importlib.metadata as md
+
+    import torch
+
+    from sgg_fast import info
+
+    info.main()
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out
+    for name in ("triton", "transformers", "kernels", "deepspeed"):
+        try:
+            want = f"{name} {md.version(name)}"
+        except md.PackageNotFoundError:
+            want = f"{name} -"
+        assert want in out, (want, out)

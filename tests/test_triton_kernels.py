@@ -37,8 +37,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _kernels():
-    from sgg_fast import kernels
     from sgg_fast.kernels import apply as kapply
+    from sgg_fast.kernels import launches as kernels
     from sgg_fast.kernels import stats as kstats
 
     return kernels, kstats, kapply

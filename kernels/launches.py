@@ -1,8 +1,4 @@
-"""Triton kernels of sgg_fast, installed as the subpackage ``sgg_fast.kernels``.
-
-Never import this folder as a top-level ``kernels`` package (a PyPI package of that name
-exists). The kernel modules (``stats``, ``apply``) import triton; this ``__init__`` and
-``layout`` do not, and ``import sgg_fast`` imports none of them.
+"""Kernel launch counts of ``sgg_fast.kernels``.
 
 ``LAUNCHES`` counts kernel launches by name (every launcher increments it), so that tests can
 prove "one step = three launches, whatever the number of tensors" (DESIGN §3).
@@ -11,6 +7,9 @@ prove "one step = three launches, whatever the number of tensors" (DESIGN §3).
 from __future__ import annotations
 
 from collections import Counter
+
+if not __name__.startswith("sgg_fast."):
+    raise ImportError(f"{__name__} is part of sgg_fast: import it as sgg_fast.kernels (see kernels/README.md)")
 
 #: kernel launches since the last reset, by kernel name ("stats", "finalize", "apply", ...)
 LAUNCHES: Counter = Counter()
