@@ -1085,7 +1085,8 @@ def render(summary: dict, meta: dict, cfg: Config, complete: bool, png_name: str
     L.append("")
     L.append("Paired comparisons against the best baseline (by mean test accuracy at that K; `all`: the best per K, "
              "pairs over every (K, seed)): difference in points with its 95% bootstrap interval, two-sided p of the "
-             "sign-flip permutation test (exact: all 2^n sign patterns), the same p Holm-adjusted over the methods compared "
+             "sign-flip permutation test (exact: all 2^n sign patterns), the same p Holm-adjusted over the methods "
+             "compared "
              "at that K, paired t-test and Wilcoxon signed-rank p, wins/losses:")
     L.append("")
     L.append("| method | " + " | ".join(f"K={K}" for K in ks) + " | all K |")
@@ -1285,7 +1286,8 @@ def decide(comps: dict, K) -> dict:
     elif rand["ci_lo"] > 0:
         case, text = 1, "regularisation, not transfer: the random-label control gains too"
     elif significant(vs):
-        case, text = 2, "the gain is SGG's: `sgg-dir` beats the best transfer baseline and the random control gains nothing"
+        case, text = 2, ("the gain is SGG's: `sgg-dir` beats the best transfer baseline and the random control "
+                         "gains nothing")
     else:
         case, text = 3, ("the gain is the extra labelled data: the best transfer baseline "
                          + ("beats" if vs["ci_hi"] < 0 else "matches") + " `sgg-dir`")
@@ -1380,7 +1382,8 @@ def render_transfer(summ: dict, meta: dict, cfg: Config, complete: bool) -> str:
             c = cell[a]
             vs_clip = summ["comps"].get((a, "adamw+clip", K))
             vs_best = summ["comps"].get((a, "best-transfer", K))
-            L.append(f"| `{a}` | {_setting(c['method'], c['lr'])} | {100 * c['acc_mean']:.1f} ± {100 * c['acc_std']:.1f} "
+            acc = f"{100 * c['acc_mean']:.1f} ± {100 * c['acc_std']:.1f}"
+            L.append(f"| `{a}` | {_setting(c['method'], c['lr'])} | {acc} "
                      f"| {_cmp(vs_clip)} | {_cmp(vs_best)} | {c['align_src']:+.3f} | {c['stability']:.3f} |")
         L.append("")
         L.append(f"**Verdict at K = {K} (case {summ['decision'][K]['case']}): {summ['decision'][K]['text']}.**")
@@ -1405,7 +1408,8 @@ def render_transfer(summ: dict, meta: dict, cfg: Config, complete: bool) -> str:
         L.append("|---|---|---|---|")
         for x in (a, b):
             c = mp["cells"][x]
-            L.append(f"| `{x}` | {_setting(c['method'], c['lr'])} | {100 * c['acc_mean']:.1f} ± {100 * c['acc_std']:.1f} | "
+            acc = f"{100 * c['acc_mean']:.1f} ± {100 * c['acc_std']:.1f}"
+            L.append(f"| `{x}` | {_setting(c['method'], c['lr'])} | {acc} | "
                      f"{_cmp(mp['comps'].get((x, 'pooler')))} |")
         L.append("")
         L.append(f"`{a}` − `{b}` with mean pooling: {_cmp(mp['comps'][(a, b)])}.")
@@ -1413,9 +1417,11 @@ def render_transfer(summ: dict, meta: dict, cfg: Config, complete: bool) -> str:
     src = meta.get("source_rand") or []
     if src:
         accs = [x["source_head_train_acc"] for x in src]
-        L.append(f"Random-label control: {len(src)} shuffles; the head fitted on shuffled labels reaches train accuracy "
-                 f"{min(accs):.2f}-{max(accs):.2f} (true labels: {meta['source']['source_head_train_acc']:.2f}); "
-                 f"‖reference‖ {min(x['source_grad_norm'] for x in src):.3g}-{max(x['source_grad_norm'] for x in src):.3g} "
+        norms = [x["source_grad_norm"] for x in src]
+        L.append(f"Random-label control: {len(src)} shuffles; the head fitted on shuffled labels reaches train "
+                 f"accuracy {min(accs):.2f}-{max(accs):.2f} "
+                 f"(true labels: {meta['source']['source_head_train_acc']:.2f}); "
+                 f"‖reference‖ {min(norms):.3g}-{max(norms):.3g} "
                  f"(true: {meta['source']['source_grad_norm']:.3g}; SGG's blend uses only its direction).")
         L.append("")
     if meta.get("stages"):

@@ -108,9 +108,38 @@ def test_sign_flip_permutation_is_exact_for_small_n():
     # by hand for (3, 1): patterns ++ (2), +- (1), -+ (1), -- (2): |mean| >= 2 in 2 of 4
     assert fs.sign_flip_p([3.0, 1.0]) == pytest.approx(0.5)
     assert math.isnan(fs.sign_flip_p([]))
-    # the random branch (n > 16) agrees with the exact value of a symmetric null roughly
-    d = [0.01 * (i % 3 - 1) for i in range(20)]
-    assert fs.sign_flip_p(d) > 0.5
+    # every difference zero: p = 1
+    assert fs.sign_flip_p([0.0] * 20) == 1.0
+
+
+def _brute_sign_flip(d):
+    import itertools
+
+    obs = abs(sum(d))
+    hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= obs - 1e-12
+               for signs in itertools.product((1, -1), repeat=len(d)))
+    return hits / 2 ** len(d)
+
+
+def test_sign_flip_p_is_exact_at_20_pairs():
+    import numpy as np
+
+    # all 20 differences positive: only the all-plus and all-minus patterns reach it: p = 2/2^20 ≈ 1.9e-6
+    assert fs.sign_flip_p([0.01 * (1 + i % 4) for i in range(20)]) == pytest.approx(2 / 2 ** 20, rel=0, abs=1e-15)
+    # one negative difference, smaller than every positive one: the patterns reaching |sum| are all-plus,
+    # all-minus and the two that flip only that one (its flip raises the sum): 4/2^20
+    d = [0.05] * 19 + [-0.01]
+    assert fs.sign_flip_p(d) == pytest.approx(4 / 2 ** 20, rel=0, abs=1e-15)
+    # against brute-force enumeration, with ties (accuracies on a 300-document test set are multiples of 1/300)
+    rng = np.random.default_rng(3)
+    for n in (7, 12, 15):
+        d = (rng.integers(-6, 10, size=n) / 300).tolist()
+        assert fs.sign_flip_p(d) == pytest.approx(_brute_sign_flip(d), rel=0, abs=1e-12)
+    # the exact count does not depend on the order of the pairs (the halves are split by position)
+    d = (rng.integers(-6, 10, size=20) / 300).tolist()
+    assert fs.sign_flip_p(d) == pytest.approx(fs.sign_flip_p(d[::-1]), rel=0, abs=1e-12)
+    # above exact_max, the seeded random branch estimates the exact value
+    assert fs.sign_flip_p(d, exact_max=10) == pytest.approx(fs.sign_flip_p(d), abs=0.01)
 
 
 def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
@@ -152,3 +181,95 @@ def test_variants_pair_with_sgg_all_on_the_same_seeds():
     v = var[("sgg-all@lambda_dir=0", 1)]
     assert v["n"] == 3 and v["vs_sgg_all"]["mean_diff"] == pytest.approx(-0.05)
     assert "| `lambda_dir=0` | 1 | 3 |" in "\n".join(fs.render_variants(var))
+
+
+def test_method_overrides_of_the_transfer_arms():
+    assert fs.method_spec("multitask@mu=0.3")["mu"] == 0.3
+    assert fs.method_spec("sequential@lr1=0.0004")["lr1"] == 4e-4
+    assert fs.method_spec("sgg-dir@pool=mean")["pool"] == "mean"
+    assert fs.method_spec("multitask@mu=0.3,pool=mean") == {**fs.method_spec("multitask@mu=0.3"), "pool": "mean"}
+    rand = fs.method_spec("sgg-rand")
+    assert rand["shuffle"] and rand["sgg"] == fs.method_spec("sgg-dir")["sgg"]
+    # the main table's arms keep their spec hash (the main run's records are reused by the transfer experiment)
+    assert "pool" not in fs.method_spec("sgg-dir") and fs.spec_key("sgg-dir") != fs.spec_key("sgg-dir@pool=mean")
+    assert fs.FULL.methods == fs.MAIN_METHODS and "multitask" not in fs.FULL.methods
+    with pytest.raises(ValueError):
+        fs.method_spec("adamw+clip@lambda_dir=0.5")
+    cands, grid = fs.arm_candidates("multitask", fs.FULL)
+    assert cands == ["multitask@mu=0.3", "multitask@mu=1"] and grid == fs.FULL.transfer_lr_grid
+    assert fs.arm_candidates("sequential", fs.QUICK)[0][0] == "sequential@lr1=0.0001,source_steps=4"
+
+
+def _transfer_records(effects: dict, n: int = 20, K: int = 1, noise: float = 0.02, seed: int = 0):
+    """Test records of every transfer arm at K: acc = 0.6 + effect + per-seed noise shared by all arms
+    + arm-specific noise (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    recs = []
+    for s in range(n):
+        shared = rng.normal(0, 0.05)
+        for a in fs.TRANSFER_ARMS:
+            acc = 0.6 + effects.get(a, 0.0) + shared + rng.normal(0, noise)
+            recs.append(_rec(a, K, s, acc, spec=fs.spec_key(a), align_src=0.02))
+    return recs
+
+
+def _chosen(ks=(1,)):
+    return {(K, a, "cls"): (a, 1e-4) for K in ks for a in fs.TRANSFER_ARMS}
+
+
+@pytest.mark.parametrize("effects, case", [
+    ({}, 0),                                                                      # no gain to attribute
+    ({"sgg-dir": 0.10, "sgg-all": 0.10, "sgg-rand": 0.10}, 1),                    # the control gains: regularisation
+    ({"sgg-dir": 0.10, "sgg-all": 0.10, "multitask": 0.02, "sequential": 0.03}, 2),   # SGG's own
+    ({"sgg-dir": 0.10, "sgg-all": 0.10, "multitask": 0.10, "sequential": 0.06}, 3),   # the extra labels
+    ({"sgg-dir": 0.10, "sgg-all": 0.10, "multitask": 0.15, "sequential": 0.06}, 3),   # ... used better elsewhere
+])
+def test_decision_rule_cases(effects, case):
+    summ = fs.summarize_transfer(_transfer_records(effects), _chosen(), fs.Config(transfer_ks=(1,)))
+    assert summ["decision"][1]["case"] == case
+    assert summ["cells"][1]["adamw+clip"]["n"] == 20
+    if case == 3:
+        beats = effects["multitask"] > effects["sgg-dir"]
+        assert ("beats" if beats else "matches") in summ["decision"][1]["text"]
+    text = fs.render_transfer(summ, {"n_new": 0, "run_min": 0.0}, fs.Config(transfer_ks=(1,)), True)
+    assert fs.DECISION_RULE in text and f"(case {case})" in text
+
+
+def test_transfer_summary_pairs_holm_and_best_transfer():
+    import numpy as np
+
+    effects = {"sgg-dir": 0.10, "sgg-all": 0.09, "multitask": 0.04, "sequential": 0.07, "sgg-rand": -0.01}
+    recs = _transfer_records(effects, K=1) + _transfer_records(effects, K=2, seed=1)
+    recs.append(_rec("multitask", 1, 99, 0.99, spec=fs.spec_key("multitask")))  # an incomplete seed: ignored
+    recs.append(_rec("sgg-dir", 1, 0, 0.0, spec="stale", lr=1e-4))               # another spec: ignored
+    summ = fs.summarize_transfer(recs, _chosen((1, 2)), fs.Config(transfer_ks=(1, 2)))
+    assert summ["best_transfer"] == {1: "sequential", 2: "sequential"}
+    comps = summ["comps"]
+    assert len(comps) == 14  # 5 vs adamw+clip and 2 vs the best transfer baseline, at each K
+    c1 = summ["cells"][1]
+    d = np.array(c1["sgg-dir"]["accs"]) - np.array(c1["sequential"]["accs"])
+    c = comps[("sgg-dir", "best-transfer", 1)]
+    assert c["vs"] == "sequential" and c["mean_diff"] == pytest.approx(d.mean()) and c["n"] == 20
+    assert c["perm_p"] == pytest.approx(fs.sign_flip_p(d))
+    # Holm over all 14: the adjusted p is at least the raw p, and the smallest is 14 times its raw value (capped)
+    ps = sorted((v["perm_p"], v["holm_p"]) for v in comps.values())
+    assert all(h >= p for p, h in ps) and ps[0][1] == pytest.approx(min(1.0, 14 * ps[0][0]))
+    assert c1["sgg-dir"]["seeds"] == list(range(20))
+
+
+def test_meanpool_check_pairs_with_the_pooler_runs():
+    effects = {"sgg-dir": 0.10, "sgg-all": 0.09, "multitask": 0.04, "sequential": 0.07}
+    recs = _transfer_records(effects)
+    chosen = _chosen()
+    assert fs.meanpool_arms(recs, chosen, 1) == ["sgg-dir", "sgg-all"]
+    for a in ("sgg-dir", "sgg-all"):
+        name = fs.with_override(a, "pool=mean")
+        chosen[(1, a, "mean")] = (name, 2e-4)
+        for r in [r for r in recs if r["method"] == a and r["seed"] < 10]:
+            recs.append({**r, "method": name, "spec": fs.spec_key(name), "lr": 2e-4, "acc": r["acc"] - 0.05})
+    mp = fs.summarize_transfer(recs, chosen, fs.Config(transfer_ks=(1,)))["meanpool"]
+    assert mp["arms"] == ["sgg-dir", "sgg-all"] and mp["cells"]["sgg-dir"]["n"] == 10
+    assert mp["comps"][("sgg-dir", "pooler")]["mean_diff"] == pytest.approx(-0.05)
+    assert len(mp["comps"]) == 3
