@@ -339,6 +339,18 @@ def with_pool(base, pool: str | None):
     return model
 
 
+def source_cache_path(cfg: Config, data: Data, cache_dir: Path, task: str = DEFAULT_SOURCE,
+                      pool: str | None = None, shuffle_seed: int | None = None) -> Path:
+    idx = data.split["source"]
+    parts = [cfg.key(), idx[:5], len(idx)] + ([] if task == DEFAULT_SOURCE else [task])
+    if pool not in (None, "cls"):
+        parts.append(f"pool={pool}")
+    if shuffle_seed is not None:
+        parts.append(f"shuffle={shuffle_seed}")
+    key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]
+    return cache_dir / f"source_grad_{key}.pt"
+
+
 _FEATURES: dict = {}  # frozen source features, per (pool, cfg key): label-independent, reused by every shuffle
 
 
@@ -358,13 +370,7 @@ def source_reference(base, data: Data, cfg: Config, cache_dir: Path,
     idx = data.split["source"]
     label = SOURCE_TASKS[task]
     n_cls = len(set(label.values()))
-    parts = [cfg.key(), idx[:5], len(idx)] + ([] if task == DEFAULT_SOURCE else [task])
-    if pool not in (None, "cls"):
-        parts.append(f"pool={pool}")
-    if shuffle_seed is not None:
-        parts.append(f"shuffle={shuffle_seed}")
-    key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]
-    cache = cache_dir / f"source_grad_{key}.pt"
+    cache = source_cache_path(cfg, data, cache_dir, task, pool, shuffle_seed)
     if cache.exists():
         blob = torch.load(cache)
         if "head_weight" in blob["info"]:
@@ -1535,6 +1541,20 @@ def run_transfer(cfg: Config, store_path: Path, out: Path, time_budget_min: floa
         except TimeoutError:
             pass
     ctx(None)
+    # the random references' and source stages' infos of runs made by an earlier process (disk caches only)
+    for r in store.records:
+        spec = method_spec(r["method"])
+        if spec.get("shuffle") and (spec.get("pool"), r["seed"]) not in rand_infos:
+            path = source_cache_path(cfg, data, out, pool=spec.get("pool"), shuffle_seed=r["seed"])
+            if path.exists():
+                info = torch.load(path, mmap=True)["info"]
+                rand_infos[(spec.get("pool"), r["seed"])] = {k: info[k] for k in ("source_head_train_acc",
+                                                                                  "source_grad_norm")}
+        if spec["kind"] == "sequential":
+            key = (spec["lr1"], spec.get("pool") or "cls", int(spec["source_steps"]))
+            h = hashlib.sha1(json.dumps([cfg.key(), key[0], key[2], cfg.batch, key[1]]).encode()).hexdigest()[:10]
+            if key not in stages and (out / f"source_stage_{h}.pt").exists():
+                stages[key] = (None, torch.load(out / f"source_stage_{h}.pt", mmap=True)["loss"])
     new = store.records
     meta = {"source": refs[None][1], "source_rand": list(rand_infos.values()),
             "stages": {k: v[1] for k, v in stages.items()}, "n_new": len(new),
