@@ -9,10 +9,13 @@
 //
 // Layouts (columns) are those of sgg_fast/guidance.py; see csrc/sgg_common.h.
 #include <Python.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cstdio>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "sgg_common.h"
 
@@ -36,6 +39,44 @@ std::string fmt(double v) {
   char buf[64];
   std::snprintf(buf, sizeof(buf), "%.17g", v);
   return buf;
+}
+
+// The layout fingerprint of a prepared step (sgg_fast/plan.py, fingerprint): for each entry of
+// `fixed`, every fact a step was checked against (data address, storage offset, dtype, device,
+// layout, sizes, strides); for each entry of `per_step` the same without the address (a new
+// gradient each step is expected). -1 stands for None. Metadata only: no tensor data is read, so
+// it runs for tensors of any device without a sync. Two steps' fingerprints are equal exactly
+// when none of these facts changed (a `.data` swap, `resize_`, `t_()`, retyping all change it).
+void append_fingerprint(std::vector<int64_t>& out, const std::optional<at::Tensor>& o, bool address) {
+  if (!o.has_value() || !o->defined()) {
+    out.push_back(-1);
+    return;
+  }
+  const at::Tensor& t = *o;
+  const bool strided = t.layout() == at::kStrided;
+  out.push_back(t.dim());
+  out.push_back(static_cast<int64_t>(t.layout()));
+  out.push_back(static_cast<int64_t>(t.scalar_type()));
+  out.push_back(static_cast<int64_t>(t.device().type()));
+  out.push_back(static_cast<int64_t>(t.device().index()));
+  for (int64_t s : t.sizes()) out.push_back(s);
+  if (!strided) return;  // a sparse tensor has no strides (build_plan rejects it)
+  for (int64_t s : t.strides()) out.push_back(s);
+  out.push_back(t.storage_offset());
+  if (address) {
+    out.push_back(t.has_storage() ? reinterpret_cast<int64_t>(t.storage().data()) : 0);
+  }
+}
+
+at::Tensor layout_fingerprint(const c10::List<std::optional<at::Tensor>>& fixed,
+                              const c10::List<std::optional<at::Tensor>>& per_step) {
+  std::vector<int64_t> out;
+  out.reserve((fixed.size() + per_step.size()) * 12 + 2);
+  out.push_back(static_cast<int64_t>(fixed.size()));
+  for (const std::optional<at::Tensor>& o : fixed) append_fingerprint(out, o, true);
+  out.push_back(static_cast<int64_t>(per_step.size()));
+  for (const std::optional<at::Tensor>& o : per_step) append_fingerprint(out, o, false);
+  return at::tensor(out, at::TensorOptions().dtype(at::kLong));
 }
 
 std::string build_info() {
@@ -97,6 +138,9 @@ TORCH_LIBRARY(sgg_fast, m) {
   m.def(
       "sgg_guide_apply(Tensor(a!)[] grads, Tensor(b!)[] refs, Tensor out, int[] seg_index, "
       "float[] ref_beta, int[] ref_mode, Tensor(c!)? ws=None, Tensor(d!)? ws_host=None) -> ()");
+  // Layout fingerprint of a prepared step: int64 [K] of metadata only (layout_fingerprint above).
+  m.def("sgg_layout_fingerprint(Tensor?[] fixed, Tensor?[] per_step) -> Tensor",
+        &sgg_fast::layout_fingerprint);
   // "key=value;..." : the CPU instruction set in use, whether CUDA was compiled in, constants.
   m.def("sgg_build_info() -> str", &sgg_fast::build_info);
   // Introspection for tests: the number of distinct threads that ran chunks in the last CPU

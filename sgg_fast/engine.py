@@ -64,23 +64,27 @@ class StepEngine:
 
     # -- backend choice ----------------------------------------------------------------------
     def resolve(self, plan: StepPlan) -> Backend:
-        """The backend for this step (cached while the name, env override, devices and dtypes
-        are unchanged); per-step input problems are re-checked by the backend's own stages."""
+        """The backend for this step. A reused plan (its fingerprint unchanged, plan.PlanReuse)
+        runs on the backend it was checked against. A new plan is decided afresh: ``auto``
+        picks the best backend that can serve it, so a step that needs a fallback does not pin
+        the fallback for later steps; a named backend is checked against it (an error with the
+        reasons when it cannot serve it)."""
         key = (self.backend, os.environ.get(_backends.ENV_VAR), tuple(plan.devices), tuple(plan.dtypes))
-        if key != self._resolved_key or self._resolved is None:
+        if plan.reused and plan.checked_backend is not None and key == self._resolved_key:
+            self._resolved = plan.checked_backend
+            return self._resolved
+        if key != self._resolved_key or self._resolved is None or self._auto():
             self._resolved = _backends.resolve(self.backend, plan, fused_only=self.fused)
             self._resolved_key = key
-        elif not (plan.reused and plan.checked_backend is self._resolved):
-            # a reused plan's tensors and layouts are the ones it was checked with, against the
-            # backend it names (overlap_backward's one-tensor plans share this engine)
+        else:
             reasons = self._resolved.input_reasons(plan)
             if reasons:
-                if self.backend == "auto" and not os.environ.get(_backends.ENV_VAR):
-                    self._resolved = _backends.resolve("auto", plan, fused_only=self.fused)
-                else:
-                    _backends.resolve(self._resolved.name, plan)  # raises with the reasons
+                _backends.resolve(self._resolved.name, plan)  # raises with the reasons
         plan.checked_backend = self._resolved
         return self._resolved
+
+    def _auto(self) -> bool:
+        return self.backend == "auto" and (os.environ.get(_backends.ENV_VAR) or "auto") == "auto"
 
     def scratch_nu(self, s: int, device: torch.device) -> torch.Tensor:
         """A ``[2]`` ν slot for a segment that keeps no running norm (finalize leaves it alone)."""

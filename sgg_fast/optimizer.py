@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,40 @@ def _as_nu(value: Any, device: torch.device) -> torch.Tensor | None:
     if not isinstance(value, torch.Tensor) or value.numel() != 2 or not value.is_floating_point():
         return None
     return value.detach().reshape(2).to(device=device, dtype=torch.float32, copy=True)
+
+
+#: key of ``pending`` (``_init_group``) under which new group-level running norms wait for the commit
+_GROUP_NUS = object()
+
+#: the state entries torch's AdamW keeps for every stepped parameter (all or none of them)
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def step_problem(step: Any) -> str | None:
+    """What is wrong with a step count (None: nothing): a non-negative finite number, as a Python
+    number or a one-element real tensor (its value is read only on the CPU: no sync)."""
+    if isinstance(step, bool) or not isinstance(step, (int, float, torch.Tensor)):
+        return f"is {step!r} ({type(step).__name__}); it must be a number or a one-element tensor"
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool or step.device.type == "meta":
+            return f"is a tensor of shape {tuple(step.shape)} and dtype {step.dtype}; it must be a one-element real tensor"
+        if step.device.type != "cpu":
+            return None
+        step = step.item()
+    if not math.isfinite(step) or step < 0:
+        return f"is {step!r}; it must be finite and >= 0"
+    return None
+
+
+def as_step(step: Any, device: torch.device) -> torch.Tensor:
+    """A valid step count (:func:`step_problem`) as torch keeps it: a float32 0-dim tensor."""
+    if isinstance(step, torch.Tensor):
+        return step.detach().reshape(()).to(device=device, dtype=torch.float32, copy=True)
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
+def _is_step(value: Any, device: torch.device) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.numel() == 1 and value.device == device
 
 
 def _is_nu(value: Any, device: torch.device) -> TypeIs[torch.Tensor]:
@@ -317,18 +352,21 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                         "of another model or a corrupted one): load the state saved with this model, "
                         f"or drop this parameter's state with `del opt.state[p]` to restart it."
                     )
-            if "exp_avg" in st and ("step" not in st or "exp_avg_sq" not in st):
-                missing = "step" if "step" not in st else "exp_avg_sq"
+            have = [k for k in ADAMW_STATE if k in st]
+            if have and len(have) != len(ADAMW_STATE):
+                missing = [k for k in ADAMW_STATE if k not in st]
                 raise RuntimeError(
-                    f"{self._owner}: the state of {plan.label(i)} has 'exp_avg' but no {missing!r}; "
-                    "the checkpoint is incomplete. Load a complete optimizer state, or drop this "
-                    "parameter's state with `del opt.state[p]` to restart it."
+                    f"{self._owner}: the state of {plan.label(i)} has {', '.join(map(repr, have))} but "
+                    f"no {', '.join(map(repr, missing))}; the checkpoint is incomplete. Load a complete "
+                    "optimizer state, or drop this parameter's state with `del opt.state[p]` to restart it."
                 )
-            step = st.get("step")
-            if step is not None and not (isinstance(step, torch.Tensor) and step.numel() == 1):
-                raise RuntimeError(
-                    f"{self._owner}: state['step'] of {plan.label(i)} must be a one-element tensor, got {step!r}"
-                )
+            if "step" in st:
+                problem = step_problem(st["step"])
+                if problem:
+                    raise RuntimeError(
+                        f"{self._owner}: state['step'] of {plan.label(i)} {problem}. Load a valid "
+                        "checkpoint, or drop this parameter's state with `del opt.state[p]` to restart it."
+                    )
 
     def _init_group(self, plan: StepPlan) -> dict:
         """Attach the state of every tensor (new entries are made but not yet stored: they are
@@ -344,6 +382,11 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                 new["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 new["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st = new
+            elif not _is_step(st["step"], p.device):
+                # a step count of another dtype or device (a hand-made or converted checkpoint):
+                # a float32 copy on the parameter's device, stored only if the step succeeds
+                st = pending.setdefault(p, dict(st))
+                st["step"] = as_step(st["step"], p.device)
             if group["amsgrad"] and "max_exp_avg_sq" not in st:
                 st = pending.setdefault(p, dict(st))
                 st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -376,17 +419,24 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         group = seg.group
         if seg.group["granularity"] == "global":
             group = next(g for g in self.param_groups if g["granularity"] == "global")
+        made = pending.setdefault(_GROUP_NUS, {})
+        if id(group) in made:
+            return made[id(group)][1]
         nu = group.get("norm_ema")
         if not _is_nu(nu, home):
             nu = _as_nu(nu, home)
-            group["norm_ema"] = nu if nu is not None else nu_storage_tensor(home)
-        return group["norm_ema"]
+            nu = nu if nu is not None else nu_storage_tensor(home)
+            made[id(group)] = (group, nu)  # stored in the group only if the step succeeds
+        return nu
 
     def _commit(self, pending: dict, skipped: bool) -> None:
         """Store the state made for this step, unless the step was skipped (then it leaves no
         trace, new state included)."""
+        made = pending.pop(_GROUP_NUS, {})
         if not skipped:
             self.state.update(pending)
+            for group, nu in made.values():
+                group["norm_ema"] = nu
 
     def _prepare(self) -> StepPlan:
         """The checked plan of this step with its state attached (tests and tools use it)."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from . import guidance
+from . import _ext, guidance
 from .validation import GRANULARITIES, MAG_MODES, NONFINITE, REFERENCES, SEGMENT_KEYS
 
 if TYPE_CHECKING:
@@ -205,12 +205,56 @@ def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
-def _param_meta(params: list[torch.Tensor]) -> list[tuple]:
-    return [(p.shape, p.stride(), p.dtype, p.device) for p in params]
+def _fp_fixed(t: torch.Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    if t.layout != torch.strided:
+        return (t.layout, t.dtype, t.device, tuple(t.shape))
+    return (t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset(), t.data_ptr())
 
 
-def _grad_meta(grads: list[torch.Tensor]) -> list[tuple]:
-    return [(g.shape, g.stride()) for g in grads]
+def _fp_step(t: torch.Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    if t.layout != torch.strided:
+        return (t.layout, t.dtype, t.device, tuple(t.shape))
+    return (t.dtype, t.device, tuple(t.shape), t.stride())
+
+
+#: below this many tensors the Python form is cheaper than one call of the compiled op
+_FP_OP_MIN = 8
+
+
+def fingerprint(fixed: list, per_step: list) -> Any:
+    """The layout fingerprint of a prepared step: for every tensor in ``fixed`` (parameters,
+    state tensors, running norms) its dtype, device, layout, shape, strides, storage offset and
+    data address; for every tensor in ``per_step`` (this step's gradients) the same without the
+    address. Equal (:func:`same_fingerprint`) exactly when none of these facts changed, so a
+    ``.data`` assignment, ``resize_``, ``t_()`` or a retyping of any of them changes it; values are
+    not part of it. Computed at C speed by the compiled op ``sgg_layout_fingerprint`` when the
+    extension is loaded (metadata only, any device, no sync), else in Python."""
+    if len(fixed) + len(per_step) >= _FP_OP_MIN and _ext.loaded() and _has_fp_op():
+        return torch.ops.sgg_fast.sgg_layout_fingerprint(fixed, per_step)
+    return (tuple(map(_fp_fixed, fixed)), tuple(map(_fp_step, per_step)))
+
+
+def same_fingerprint(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return not isinstance(b, torch.Tensor) and a == b
+
+
+_FP_OP: list[bool] = []
+
+
+def _has_fp_op() -> bool:
+    if not _FP_OP:
+        _FP_OP.append(hasattr(torch.ops.sgg_fast, "sgg_layout_fingerprint"))
+    return _FP_OP[0]
+
+
+def _state_tensors(values: list) -> list[torch.Tensor]:
+    return [v for v in values if isinstance(v, torch.Tensor)]
 
 
 class PlanReuse:
@@ -223,13 +267,14 @@ class PlanReuse:
 
     * the same ``param_groups`` dicts with the same parameter lists and the same structural
       settings (:data:`STRUCTURE_KEYS`);
-    * the same parameters with a gradient; each parameter's shape, strides, dtype and device,
-      and each gradient's shape and strides, equal to what was checked (a sparse gradient, which
-      has no strides, fails the check); torch's ``.grad`` setter and autograd give a gradient its
-      parameter's dtype and device;
+    * the same parameters with a gradient;
     * the same ``state`` dict with the same entries, each holding the same objects (so a
       ``load_state_dict``, ``set_reference``, ``del opt.state[p]`` or a replaced tensor rebuilds);
-    * the same group-level running norms (``group["norm_ema"]``).
+    * the same group-level running norms (``group["norm_ema"]``);
+    * the same :func:`fingerprint` of the parameters, every state tensor and the running norms
+      (dtype, device, shape, strides, storage offset, address) and of the gradients (the same
+      without the address): an in-place change of any of them without a new object (``.data``
+      assignment, ``resize_``, ``t_()``, retyping) rebuilds and re-checks the plan.
 
     Anything else — or any exception while checking — returns None and the caller builds and
     checks a new plan. Not used with a ``process_group`` or DTensor parameters (their plans are
@@ -245,14 +290,14 @@ class PlanReuse:
         pos = {id(p): j for j, p in enumerate(self.flat)}
         self.order = [pos[id(p)] for p in plan.params]
         self.has_grad = [p.grad is not None for p in self.flat]
-        self.param_meta = _param_meta(plan.params)
-        self.grad_meta = _grad_meta(plan.grads)
         self.state = state
         self.state_keys = list(state.keys())
         self.state_vals = list(state.values())
         self.state_flat = list(itertools.chain.from_iterable(map(dict.values, self.state_vals)))
         self.group_nus = [(g, g.get("norm_ema")) for g in groups]
         self.pick = operator.itemgetter(*self.order) if len(self.order) > 1 else None
+        self.fixed = list(plan.params) + _state_tensors(self.state_flat) + _state_tensors([n for _, n in self.group_nus])
+        self.fp = fingerprint(self.fixed, plan.grads)
 
     def reuse(self, groups: list[dict], state: dict) -> StepPlan | None:
         """The plan of this step if nothing above changed (its ``grads`` set to the new
@@ -275,8 +320,6 @@ class PlanReuse:
             return None
         plan = self.plan
         grads = list(self.pick(grads_all)) if self.pick is not None else [grads_all[j] for j in self.order]
-        if _grad_meta(grads) != self.grad_meta or _param_meta(plan.params) != self.param_meta:
-            return None
         if len(state) != len(self.state_keys) or not _same(list(state.keys()), self.state_keys):
             return None
         vals = list(state.values())
@@ -287,6 +330,8 @@ class PlanReuse:
         for g, nu in self.group_nus:
             if g.get("norm_ema") is not nu:
                 return None
+        if not same_fingerprint(fingerprint(self.fixed, grads), self.fp):
+            return None
         plan.grads = grads
         plan.reused = True
         plan.uses += 1
@@ -299,13 +344,13 @@ class TensorPlanReuse:
     other tensors' gradients are not looked at (in a hook, some of them are not final yet).
 
     Checked: the same ``param_groups[gi]`` dict holding ``p`` at position ``pi`` with the same
-    structural settings; ``p``'s shape, strides, dtype and device and the gradient's shape and
-    strides equal to what was checked; the same ``state`` dict whose entry for ``p`` is the same
-    dict with the same keys and the same objects (so ``load_state_dict``, ``set_reference`` or a
-    replaced tensor rebuilds). Anything else, or any exception while checking, returns None.
+    structural settings; the same ``state`` dict whose entry for ``p`` is the same dict with the
+    same keys and the same objects (so ``load_state_dict``, ``set_reference`` or a replaced
+    tensor rebuilds); the same :func:`fingerprint` of ``p``, its state tensors and the gradient.
+    Anything else, or any exception while checking, returns None.
     """
 
-    __slots__ = ("plan", "group", "gi", "pi", "structure", "param_meta", "grad_meta", "state", "entry", "keys", "vals")
+    __slots__ = ("plan", "group", "gi", "pi", "structure", "state", "entry", "keys", "vals", "fixed", "fp")
 
     def __init__(self, plan: StepPlan, groups: list[dict], state: dict):
         p = plan.params[0]
@@ -313,12 +358,12 @@ class TensorPlanReuse:
         self.gi, self.pi = plan.group_index[0], plan.param_index[0]
         self.group = groups[self.gi]
         self.structure = _structure([self.group])
-        self.param_meta = _param_meta([p])
-        self.grad_meta = _grad_meta(plan.grads)
         self.state = state
         self.entry = state.get(p)
         self.keys = None if self.entry is None else tuple(self.entry)
         self.vals = None if self.entry is None else list(self.entry.values())
+        self.fixed = [p] + _state_tensors(self.vals or [])
+        self.fp = fingerprint(self.fixed, plan.grads)
 
     def reuse(self, p: torch.Tensor, g: torch.Tensor, groups: list[dict], state: dict) -> StepPlan | None:
         """The plan with ``grads = [g]`` (``reused`` True) if nothing above changed, else None."""
@@ -334,8 +379,6 @@ class TensorPlanReuse:
         ps = group["params"]
         if self.pi >= len(ps) or ps[self.pi] is not p:
             return None
-        if _grad_meta([g]) != self.grad_meta or _param_meta([p]) != self.param_meta:
-            return None
         if _structure([group]) != self.structure:
             return None
         entry = state.get(p)
@@ -346,6 +389,8 @@ class TensorPlanReuse:
             and self.vals is not None
             and (tuple(entry) != self.keys or not _same(list(entry.values()), self.vals))
         ):
+            return None
+        if not same_fingerprint(fingerprint(self.fixed, [g]), self.fp):
             return None
         plan = self.plan
         plan.grads = [g]

@@ -164,20 +164,27 @@ def validate_global_groups(groups: list[dict], owner: str) -> None:
                 )
 
 
+def setting_key(v: Any) -> Any:
+    """What one setting is now, for a cache key. A number is itself. A tensor on the CPU is its
+    value (read every time: a ``fill_`` or a write through ``.data`` changes the key, and reading
+    a CPU tensor is no sync) with its dtype, shape and address. A tensor on another device is its
+    object, dtype, device, shape and address, not its value: reading that would be a host sync on
+    every step, so an in-place write to it is not re-validated (the kernels read it on the
+    device; DESIGN §2)."""
+    if isinstance(v, torch.Tensor):
+        meta = (id(v), v.dtype, v.device, tuple(v.shape), v.data_ptr())
+        if v.device.type == "cpu" and v.numel() == 1 and not v.is_complex():
+            return meta + (v.item(),)
+        return meta
+    if isinstance(v, (tuple, list)):
+        return tuple(map(setting_key, v))
+    return v if isinstance(v, (int, float, str, bool, type(None))) else id(v)
+
+
 def settings_key(group: dict) -> tuple:
-    """What a group's settings are now, cheaply (no host read of tensors): a change of any value
-    (or an in-place change of a tensor, by its version counter) changes the key."""
-    out: list[tuple] = []
-    for k, v in group.items():
-        if k == "params":
-            continue
-        if isinstance(v, torch.Tensor):
-            out.append((k, id(v), v._version))
-        elif isinstance(v, (tuple, list)):
-            out.append((k, tuple((id(x), x._version) if isinstance(x, torch.Tensor) else x for x in v)))
-        else:
-            out.append((k, v if isinstance(v, (int, float, str, bool, type(None))) else id(v)))
-    return tuple(out)
+    """What a group's settings are now (:func:`setting_key` of each): a change of any value, a
+    replaced object or an in-place write to a CPU tensor setting changes the key."""
+    return tuple((k, setting_key(v)) for k, v in group.items() if k != "params")
 
 
 def check_reference_shapes(

@@ -20,6 +20,7 @@ import torch
 
 from .. import _ext
 from ..plan import REF_MOMENTUM, StepPlan, memo
+from ..validation import setting_key
 from . import register
 from .base import Backend, Partials
 
@@ -126,7 +127,7 @@ class _CompiledBackend(Backend):
 
     def _guide_lists(self, plan: StepPlan):
         """Per-tensor ``ref_beta`` and reference mode (the guidance groups carry no lr)."""
-        key = (tuple((g["ref_beta"], g["reference"]) for g in plan.groups), tuple(plan.seg_of_param))
+        key = (tuple((setting_key(g["ref_beta"]), g["reference"]) for g in plan.groups), tuple(plan.seg_of_param))
 
         def make():
             rb = [float(plan.segments[s].group["ref_beta"]) for s in plan.seg_of_param]
@@ -137,15 +138,11 @@ class _CompiledBackend(Backend):
     def _apply_lists(self, plan: StepPlan):
         """Per-tensor hyper-parameters as plain lists (+ lr tensors, if any group has one)."""
         groups = plan.groups
+        # by value (validation.setting_key): an in-place write to a tensor setting on the CPU
+        # changes the key; a tensor lr is passed as the tensor itself and read by the op
         gkey = tuple(
-            (
-                id(g["lr"]) if isinstance(g["lr"], torch.Tensor) else g["lr"],
-                tuple(g["betas"]),
-                g["eps"],
-                g["weight_decay"],
-                g.get("ref_beta"),
-                g.get("reference"),
-            )
+            tuple(map(setting_key, (g["lr"], g["betas"], g["eps"], g["weight_decay"], g.get("ref_beta"))))
+            + (g.get("reference"),)
             for g in groups
         )
         key = (gkey, tuple(plan.group_index), tuple(plan.seg_of_param))
