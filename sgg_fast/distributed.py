@@ -145,7 +145,8 @@ def like_param(ref: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if not is_dtensor(param):
         if is_dtensor(ref):
             ref = ref.full_tensor()
-        return ref.to(device=param.device, dtype=param.dtype, copy=True)
+        out = torch.empty_like(param, memory_format=torch.preserve_format)  # the parameter's layout
+        return out.copy_(ref)
     mesh, placements = param.device_mesh, tuple(param.placements)
     if is_dtensor(ref):
         if ref.device_mesh != mesh or tuple(ref.placements) != placements:

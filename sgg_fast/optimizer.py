@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +14,12 @@ from .engine import StepEngine
 from .plan import REF_EMA, REF_MOMENTUM, REF_SOURCE, PlanReuse, StepPlan, build_plan, describe
 from .validation import (
     GUIDANCE_DEFAULTS,
+    PARAM_SHAPED,
+    check_loaded_state,
     check_reference_shapes,
+    nu_problem,
     settings_key,
+    step_problem,
     validate_adamw,
     validate_global_groups,
     validate_guidance,
@@ -26,9 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SGGAdamW", "GUIDANCE_DEFAULTS", "GuidedOptimizerMixin", "nu_storage_tensor"]
 
-#: state entries that are tensors shaped like their parameter
-PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ref")
-
 
 def nu_storage_tensor(device: torch.device) -> torch.Tensor:
     """A segment's fresh running-norm storage: ``[ν, initialised] = [0, 0]``."""
@@ -36,10 +37,16 @@ def nu_storage_tensor(device: torch.device) -> torch.Tensor:
 
 
 def _as_nu(value: Any, device: torch.device) -> torch.Tensor | None:
-    """A stored ν in the ``[ν, initialised]`` form on ``device`` (None: not a valid entry)."""
-    if not isinstance(value, torch.Tensor) or value.numel() != 2 or not value.is_floating_point():
+    """A stored ν in the ``[ν, initialised]`` form on ``device`` (None: no entry). ``ValueError``
+    for a value that breaks :func:`validation.nu_problem`'s rules (checked before any write)."""
+    if value is None:
         return None
-    return value.detach().reshape(2).to(device=device, dtype=torch.float32, copy=True)
+    problem = nu_problem(value)
+    if problem:
+        raise ValueError(f"a running norm 'norm_ema' {problem}; drop it to restart the running norm")
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(2).to(device=device, dtype=torch.float32, copy=True)
+    return torch.tensor([float(x) for x in value], dtype=torch.float32, device=device)
 
 
 #: key of ``pending`` (``_init_group``) under which new group-level running norms wait for the commit
@@ -47,22 +54,6 @@ _GROUP_NUS = object()
 
 #: the state entries torch's AdamW keeps for every stepped parameter (all or none of them)
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
-
-
-def step_problem(step: Any) -> str | None:
-    """What is wrong with a step count (None: nothing): a non-negative finite number, as a Python
-    number or a one-element real tensor (its value is read only on the CPU: no sync)."""
-    if isinstance(step, bool) or not isinstance(step, (int, float, torch.Tensor)):
-        return f"is {step!r} ({type(step).__name__}); it must be a number or a one-element tensor"
-    if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool or step.device.type == "meta":
-            return f"is a tensor of shape {tuple(step.shape)} and dtype {step.dtype}; it must be a one-element real tensor"
-        if step.device.type != "cpu":
-            return None
-        step = step.item()
-    if not math.isfinite(step) or step < 0:
-        return f"is {step!r}; it must be finite and >= 0"
-    return None
 
 
 def as_step(step: Any, device: torch.device) -> torch.Tensor:
@@ -73,7 +64,12 @@ def as_step(step: Any, device: torch.device) -> torch.Tensor:
 
 
 def _is_step(value: Any, device: torch.device) -> bool:
-    return isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.numel() == 1 and value.device == device
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dtype == torch.float32
+        and value.numel() == 1
+        and value.device == device
+    )
 
 
 def _is_nu(value: Any, device: torch.device) -> TypeIs[torch.Tensor]:
@@ -402,7 +398,8 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         return pending
 
     def _segment_nu(self, plan: StepPlan, s: int, pending: dict) -> torch.Tensor:
-        """Segment ``s``'s ``[ν, initialised]`` storage (DESIGN §1 C; see the class docstring)."""
+        """Segment ``s``'s ``[ν, initialised]`` storage (DESIGN §1 C; see the class docstring).
+        New or converted storage waits in ``pending`` and is stored only if the step succeeds."""
         seg = plan.segments[s]
         home = plan.home
         if seg.group["mag_mode"] != "relative":
@@ -410,10 +407,8 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         if seg.group["granularity"] == "tensor":
             p = plan.params[seg.start]
             st = pending.get(p) or self.state.get(p) or {}
-            nu = st.get("norm_ema")
-            if not _is_nu(nu, home):
-                nu = _as_nu(nu, home)
-                nu = nu if nu is not None else nu_storage_tensor(home)
+            nu, new = self._checked_nu(st.get("norm_ema"), home, seg.label)
+            if new:
                 pending.setdefault(p, dict(self.state.get(p, {})))["norm_ema"] = nu
             return nu
         group = seg.group
@@ -422,12 +417,22 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         made = pending.setdefault(_GROUP_NUS, {})
         if id(group) in made:
             return made[id(group)][1]
-        nu = group.get("norm_ema")
-        if not _is_nu(nu, home):
-            nu = _as_nu(nu, home)
-            nu = nu if nu is not None else nu_storage_tensor(home)
-            made[id(group)] = (group, nu)  # stored in the group only if the step succeeds
+        nu, new = self._checked_nu(group.get("norm_ema"), home, seg.label)
+        if new:
+            made[id(group)] = (group, nu)
         return nu
+
+    def _checked_nu(self, value: Any, home: torch.device, where: str) -> tuple[torch.Tensor, bool]:
+        """(the running norm's storage, whether it is new). A stored value is used in place when
+        it is a float32 ``[2]`` on ``home`` (its value checked where that costs no sync: on the
+        CPU); another valid value is converted, an invalid one is a ``ValueError``."""
+        if _is_nu(value, home) and (home.type != "cpu" or nu_problem(value) is None):
+            return value, False
+        try:
+            nu = _as_nu(value, home)
+        except ValueError as e:
+            raise ValueError(f"{self._owner}: {where}: {e}") from None
+        return (nu if nu is not None else nu_storage_tensor(home)), True
 
     def _commit(self, pending: dict, skipped: bool) -> None:
         """Store the state made for this step, unless the step was skipped (then it leaves no
@@ -519,10 +524,15 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an ``SGGAdamW`` or ``torch.optim.AdamW`` state dict (same state names).
 
-        Everything is checked first (group settings, state shapes), so a bad dict raises and
-        leaves this optimizer unchanged. ``step`` is kept as float32 on the parameter's device
-        and the running norms as float32 ``[ν, initialised]``; guidance settings missing in the
-        loaded groups take this optimizer's defaults.
+        Everything is checked first, with the rules of the constructor and of a step
+        (:func:`validation.check_loaded_state`: group settings; every state entry a dict; moments
+        shaped like their parameter, floating, finite, second moments >= 0; ``step`` a finite
+        number >= 0; running norms finite and >= 0), so a bad dict raises ``ValueError`` naming
+        the entry and leaves this optimizer unchanged. ``step`` is kept as a float32 0-dim tensor
+        on the parameter's device (torch's form: a float64 or int64 count converts) and the
+        running norms as float32 ``[ν, initialised]``; guidance settings missing in the loaded
+        groups take this optimizer's defaults. Entries that are not AdamW's (e.g. SGD's
+        ``momentum_buffer``) are kept, unused, with a warning.
         """
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
@@ -551,24 +561,15 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
         validate_global_groups(merged, self._owner)
         params = self._all_params()
         ids = [i for g in groups for i in g["params"]]
-        for pid, p in zip(ids, params):
-            st = state_dict["state"].get(pid)
-            if not isinstance(st, dict):
-                continue
-            for key in PARAM_SHAPED:
-                t = st.get(key)
-                if t is not None and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
-                    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(
-                        f"{self._owner}.load_state_dict: state[{key!r}] of parameter {pid} has shape "
-                        f"{shape}, the parameter {tuple(p.shape)}; this state dict belongs to another "
-                        "model (or parameters are in another order)."
-                    )
-            if ("exp_avg" in st or "exp_avg_sq" in st) and "step" not in st:
-                raise ValueError(
-                    f"{self._owner}.load_state_dict: the state of parameter {pid} has "
-                    "moments but no 'step'; the state dict is incomplete"
-                )
+        foreign = check_loaded_state(self._owner, state_dict["state"], groups, params)
+        if foreign:
+            warnings.warn(
+                f"{self._owner}.load_state_dict: the state holds entries that are not AdamW's "
+                f"({', '.join(foreign[:6])}): a state dict of another optimizer? They are kept but "
+                "not used; the AdamW moments start from zero where they are missing.",
+                UserWarning,
+                stacklevel=2,
+            )
         nus = {
             pid: st["norm_ema"] for pid, st in state_dict["state"].items() if isinstance(st, dict) and "norm_ema" in st
         }
@@ -592,11 +593,6 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
             if nu is not None:
                 st["norm_ema"] = nu
             if "step" in st:
-                step = st["step"]
-                st["step"] = (
-                    step.detach().to(device=p.device, dtype=torch.float32, copy=True)
-                    if torch.is_tensor(step)
-                    else torch.tensor(float(step), dtype=torch.float32, device=p.device)
-                )
+                st["step"] = as_step(st["step"], p.device)
         self._settings_keys = None
         self._engine.reset_last()

@@ -506,7 +506,12 @@ class OverlapHandle:
         self._outs.clear()
 
     def zero_grad(self) -> None:
+        """``opt.zero_grad()``: the gradients of this step are discarded, so is what the hooks
+        kept of them; the next backward starts a new step (also after a hook raised, e.g.
+        ``nonfinite="raise"``). Tensors a mode-"step" hook already stepped stay stepped."""
         self._stats.clear()
+        self._used.clear()
+        self._outs.clear()
 
 
 _MISSING = object()

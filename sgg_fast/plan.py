@@ -225,6 +225,7 @@ def _fp_step(t: torch.Tensor | None) -> tuple | None:
 _FP_OP_MIN = 8
 
 
+@_ext._outside_dynamo
 def fingerprint(fixed: list, per_step: list) -> Any:
     """The layout fingerprint of a prepared step: for every tensor in ``fixed`` (parameters,
     state tensors, running norms) its dtype, device, layout, shape, strides, storage offset and
@@ -232,7 +233,8 @@ def fingerprint(fixed: list, per_step: list) -> Any:
     address. Equal (:func:`same_fingerprint`) exactly when none of these facts changed, so a
     ``.data`` assignment, ``resize_``, ``t_()`` or a retyping of any of them changes it; values are
     not part of it. Computed at C speed by the compiled op ``sgg_layout_fingerprint`` when the
-    extension is loaded (metadata only, any device, no sync), else in Python."""
+    extension is loaded (metadata only, any device, no sync), else in Python; always eagerly
+    (a compiled ``opt.step`` breaks its graph here: addresses are not traceable)."""
     if len(fixed) + len(per_step) >= _FP_OP_MIN and _ext.loaded() and _has_fp_op():
         return torch.ops.sgg_fast.sgg_layout_fingerprint(fixed, per_step)
     return (tuple(map(_fp_fixed, fixed)), tuple(map(_fp_step, per_step)))
@@ -296,7 +298,9 @@ class PlanReuse:
         self.state_flat = list(itertools.chain.from_iterable(map(dict.values, self.state_vals)))
         self.group_nus = [(g, g.get("norm_ema")) for g in groups]
         self.pick = operator.itemgetter(*self.order) if len(self.order) > 1 else None
-        self.fixed = list(plan.params) + _state_tensors(self.state_flat) + _state_tensors([n for _, n in self.group_nus])
+        self.fixed = (
+            list(plan.params) + _state_tensors(self.state_flat) + _state_tensors([n for _, n in self.group_nus])
+        )
         self.fp = fingerprint(self.fixed, plan.grads)
 
     def reuse(self, groups: list[dict], state: dict) -> StepPlan | None:

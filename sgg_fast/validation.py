@@ -187,6 +187,131 @@ def settings_key(group: dict) -> tuple:
     return tuple((k, setting_key(v)) for k, v in group.items() if k != "params")
 
 
+def step_problem(step: Any) -> str | None:
+    """What is wrong with a step count (None: nothing): a non-negative finite number, as a Python
+    number or a one-element real tensor (its value is read only on the CPU: no sync)."""
+    if isinstance(step, bool) or not isinstance(step, (int, float, torch.Tensor)):
+        return f"is {step!r} ({type(step).__name__}); it must be a number or a one-element tensor"
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool or step.device.type == "meta":
+            return (
+                f"is a tensor of shape {tuple(step.shape)} and dtype {step.dtype}; it must be a one-element real tensor"
+            )
+        if step.device.type != "cpu":
+            return None
+        step = step.item()
+    if not math.isfinite(step) or step < 0:
+        return f"is {step!r}; it must be finite and >= 0"
+    return None
+
+
+def nu_problem(value: Any) -> str | None:
+    """What is wrong with a saved running norm ``[ν, initialised]`` (None: nothing): two real
+    numbers (a tensor or a sequence), ν finite and >= 0, the flag 0 or 1."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 2 or value.is_complex() or value.dtype == torch.bool or value.device.type == "meta":
+            return (
+                f"is a tensor of shape {tuple(value.shape)} and dtype {value.dtype}; it must hold [norm, initialised]"
+            )
+        vals = value.detach().reshape(2).to("cpu", torch.float64).tolist()
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+    ):
+        vals = [float(x) for x in value]
+    else:
+        return f"is {value!r}; it must be [norm, initialised], two numbers"
+    nu, flag = vals
+    if not math.isfinite(nu) or nu < 0 or flag not in (0.0, 1.0):
+        return f"is {vals}; the norm must be finite and >= 0 and the flag 0 or 1"
+    return None
+
+
+#: what SGGAdamW keeps per parameter; other keys in a loaded state dict are another optimizer's
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ref", "norm_ema")
+#: per-parameter tensors shaped like their parameter
+PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ref")
+_NONNEGATIVE = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def check_loaded_state(owner: str, state: dict, groups: list[dict], params: list[torch.Tensor]) -> list[str]:
+    """Check a state dict's ``state`` and the groups' running norms before anything is loaded:
+    the rules of the constructor and of a step (``ValueError`` naming the entry). Returns the
+    keys that are not SGGAdamW's (another optimizer's state), for a warning."""
+    where = f"{owner}.load_state_dict"
+    for k, g in enumerate(groups):
+        if "norm_ema" in g and g["norm_ema"] is not None:
+            problem = nu_problem(g["norm_ema"])
+            if problem:
+                raise ValueError(f"{where}: param_groups[{k}]['norm_ema'] {problem}")
+    ids = [i for g in groups for i in g["params"]]
+    foreign: set[str] = set()
+    checks: list[tuple[str, torch.Tensor, bool]] = []  # (entry, tensor, must be >= 0)
+    for pid, p in zip(ids, params):
+        if pid not in state:
+            continue
+        st = state[pid]
+        if not isinstance(st, dict):
+            raise ValueError(f"{where}: state[{pid!r}] is a {type(st).__name__}, not a dict of state entries")
+        foreign.update(str(k) for k in st if k not in STATE_KEYS)
+        for key in PARAM_SHAPED:
+            t = st.get(key)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{where}: state[{key!r}] of parameter {pid} has shape {shape}, the parameter "
+                    f"{tuple(p.shape)}; this state dict belongs to another model (or parameters are in "
+                    "another order)."
+                )
+            if not t.is_floating_point() or t.layout != torch.strided or t.device.type == "meta":
+                raise ValueError(
+                    f"{where}: state[{key!r}] of parameter {pid} is a {t.dtype} {t.layout} tensor on "
+                    f"{t.device}; it must be a dense floating tensor with data"
+                )
+            checks.append((f"state[{key!r}] of parameter {pid}", t, key in _NONNEGATIVE))
+        moments = [k for k in ("exp_avg", "exp_avg_sq") if k in st]
+        if moments and "step" not in st:
+            raise ValueError(
+                f"{where}: the state of parameter {pid} has moments but no 'step'; the state dict is incomplete"
+            )
+        if "step" in st:
+            problem = step_problem(st["step"])
+            if problem is None and isinstance(st["step"], torch.Tensor) and st["step"].device.type != "cpu":
+                problem = step_problem(st["step"].detach().cpu())
+            if problem:
+                raise ValueError(f"{where}: state['step'] of parameter {pid} {problem}")
+        if "norm_ema" in st and st["norm_ema"] is not None:
+            problem = nu_problem(st["norm_ema"])
+            if problem:
+                raise ValueError(f"{where}: state['norm_ema'] of parameter {pid} {problem}")
+    if checks:
+        # one host read for all of them (loading is not on the step's path)
+        flags = torch.stack(
+            [
+                torch.stack(
+                    [
+                        (~torch.isfinite(t)).any(),
+                        (t < 0).any() if nonneg else torch.zeros((), dtype=torch.bool, device=t.device),
+                    ]
+                ).cpu()
+                for _, t, nonneg in checks
+            ]
+        ).tolist()
+        for (name, _, _), (nonfinite, negative) in zip(checks, flags):
+            if nonfinite:
+                raise ValueError(
+                    f"{where}: {name} contains inf or NaN (the saved run diverged?); loading it would make "
+                    "every later step skip or give non-finite parameters. Load an earlier checkpoint, or drop "
+                    "this parameter's entry from the state dict to restart its state."
+                )
+            if negative:
+                raise ValueError(f"{where}: {name} has negative entries; a second moment is >= 0")
+    return sorted(foreign)
+
+
 def check_reference_shapes(
     params: list[torch.Tensor], refs: Any, owner: str
 ) -> dict[torch.Tensor, torch.Tensor | None]:
@@ -203,6 +328,11 @@ def check_reference_shapes(
                 )
             items.append((ids[id(key)], key, value))
     else:
+        if refs is None or isinstance(refs, (str, bytes, torch.Tensor)) or not hasattr(refs, "__iter__"):
+            raise ValueError(
+                f"{owner}.set_reference: expected a list with one tensor (or None) per parameter, in "
+                f"param_groups order, or a dict {{param: tensor}}; got {type(refs).__name__}"
+            )
         refs = list(refs)
         if len(refs) != len(params):
             raise ValueError(
@@ -225,6 +355,11 @@ def check_reference_shapes(
                 raise ValueError(
                     f"{owner}.set_reference: reference #{i} must be a dense real floating "
                     f"tensor, got {r.dtype} ({r.layout})"
+                )
+            if r.device.type == "meta":
+                raise ValueError(
+                    f"{owner}.set_reference: reference #{i} is a meta tensor (it has no data); pass a "
+                    "tensor with values, e.g. the source gradient computed on the model's device"
                 )
             nonfinite.append((i, r))
         out[p] = r

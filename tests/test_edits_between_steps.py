@@ -73,7 +73,8 @@ def fresh_copy(opt: SGGAdamW, backend: str) -> SGGAdamW:
     new = SGGAdamW([torch.zeros(1, requires_grad=True)], backend=backend)
     new.defaults = {k: _clone_setting(v) for k, v in opt.defaults.items()}
     new.param_groups = [
-        {**{k: _clone_setting(v) for k, v in g.items() if k != "params"}, "params": [mapping[id(p)] for p in g["params"]]}
+        {**{k: _clone_setting(v) for k, v in g.items() if k != "params"},
+         "params": [mapping[id(p)] for p in g["params"]]}
         for g in opt.param_groups
     ]
     new.state.clear()

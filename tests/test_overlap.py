@@ -262,6 +262,33 @@ def test_step_mode_nonfinite_raise_leaves_backward():
         loss_of(model, batches(1)[0]).backward()
 
 
+def test_step_mode_usable_after_a_raise():
+    """After the documented FloatingPointError, opt.zero_grad() starts a new step: the next
+    backward steps every tensor once, as an ordinary step on the state the hooks left (tensors
+    stepped before the raise stay stepped). (A step() instead would meet the inf gradient again.)"""
+    model = make_model()
+    opt = make_opt(model, "torch", granularity="tensor", nonfinite="raise")
+    overlap_backward(model, opt)
+    hook = _poison_first_layer(model)
+    xs = batches(2)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        loss_of(model, xs[0]).backward()
+    hook.remove()
+    opt.zero_grad()
+    ref = make_model()  # (a deepcopy would copy the hooks too)
+    ref.load_state_dict(model.state_dict())
+    ref_opt = make_opt(ref, "torch", granularity="tensor", nonfinite="raise")
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict shares the tensors)
+    loss_of(model, xs[1]).backward()  # no "second backward" error
+    opt.step()
+    loss_of(ref, xs[1]).backward()
+    ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert all(float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"])
+               for p, q in zip(model.parameters(), ref.parameters()))
+
+
 # -- refusals and the handle ---------------------------------------------------------------------
 def test_refuses_ddp_and_multiprocess(monkeypatch):
     model = make_model()

@@ -41,12 +41,14 @@ when it grew: a run stuck on NaN gradients otherwise looks like a flat loss.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any
 
 import torch
 
 from ..optimizer import GUIDANCE_DEFAULTS, SGGAdamW
+from ..validation import validate_adamw, validate_guidance
 from ._common import SkipTracker, clipping_message, lazy_class, unwrap_optimizer, warn_double_clipping
 
 TRAINER_CLIPPING = ("warn", "keep", "error")
@@ -109,10 +111,33 @@ def resolve_trainer_clipping(args: Any, lambda_mag: float, trainer_clipping: str
     )
 
 
+def _sgg_signature() -> dict[str, Any]:
+    """``SGGAdamW``'s keyword arguments (everything but ``params``) with their defaults."""
+    sig = inspect.signature(SGGAdamW.__init__)
+    return {n: p.default for n, p in sig.parameters.items() if n not in ("self", "params")}
+
+
+def check_sgg_kwargs(sgg_kwargs: dict[str, Any]) -> None:
+    """``sgg_kwargs`` are ``SGGAdamW`` arguments (its signature: ``TypeError`` naming the unknown
+    ones) with values the constructor accepts (its ``ValueError``), checked before anything is
+    built or copied."""
+    allowed = _sgg_signature()
+    unknown = sorted(set(sgg_kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown SGGAdamW arguments {unknown}; SGGAdamW takes {', '.join(sorted(allowed))}")
+    group = {**allowed, **sgg_kwargs}
+    if isinstance(group.get("betas"), list):
+        group["betas"] = tuple(group["betas"])
+    validate_adamw(group)
+    validate_guidance(group)
+
+
 def sgg_training_args(args: Any, **sgg_kwargs: Any) -> Any:
     """A copy of ``args`` (``TrainingArguments``) for a Trainer driving ``SGGAdamW(**sgg_kwargs)``:
     ``max_grad_norm=0`` when SGG's magnitude control is on (``lambda_mag > 0``, the default), so
-    Trainer does not clip before it; otherwise an unchanged copy. ``args`` itself is not changed."""
+    Trainer does not clip before it; otherwise an unchanged copy. ``args`` itself is not changed.
+    ``sgg_kwargs`` are checked as ``SGGAdamW`` would (:func:`check_sgg_kwargs`)."""
+    check_sgg_kwargs(sgg_kwargs)
     new = copy.copy(args)
     if _lambda_mag(sgg_kwargs) > 0 and (getattr(args, "max_grad_norm", 0) or 0) > 0:
         new.max_grad_norm = 0.0
@@ -121,10 +146,9 @@ def sgg_training_args(args: Any, **sgg_kwargs: Any) -> Any:
 
 def sgg_optimizer_kwargs(args: Any, trainer_clipping: str = "warn", **sgg_kwargs: Any) -> dict[str, Any]:
     """``SGGAdamW`` keyword arguments from ``TrainingArguments`` (lr, betas, eps, weight_decay)
-    plus ``sgg_kwargs`` (which win); checks ``args`` against the clipping policy."""
-    unknown = set(sgg_kwargs) - set(GUIDANCE_DEFAULTS) - {"lr", "betas", "eps", "weight_decay", "backend"}
-    if unknown:
-        raise TypeError(f"unknown SGGAdamW arguments {sorted(unknown)}")
+    plus ``sgg_kwargs`` (any ``SGGAdamW`` argument; they win); checks them
+    (:func:`check_sgg_kwargs`) and ``args`` against the clipping policy."""
+    check_sgg_kwargs(sgg_kwargs)
     kwargs = {
         "lr": args.learning_rate,
         "betas": (args.adam_beta1, args.adam_beta2),
@@ -148,10 +172,13 @@ def create_sgg_optimizer(
         args: its ``TrainingArguments`` (read only; see ``sgg_training_args`` for clipping).
         trainer: optional Trainer (sub)class instance whose ``get_decay_parameter_names`` to use.
         trainer_clipping: ``"warn" | "keep" | "error"`` (module docstring).
-        **sgg_kwargs: any ``SGGAdamW`` argument (``lambda_dir``, ``mag_mode``, ``reference``, …).
+        **sgg_kwargs: any ``SGGAdamW`` argument (``lambda_dir``, ``mag_mode``, ``reference``,
+            ``amsgrad``, ``weight_decay``, …); an explicit ``weight_decay`` is that of the decay
+            group (instead of ``args.weight_decay``).
     """
     kwargs = sgg_optimizer_kwargs(args, trainer_clipping, **sgg_kwargs)
-    return SGGAdamW(decay_parameter_groups(model, args.weight_decay, trainer), **kwargs)
+    # an explicit weight_decay wins over args.weight_decay, as in Trainer.get_optimizer_cls_and_kwargs
+    return SGGAdamW(decay_parameter_groups(model, kwargs["weight_decay"], trainer), **kwargs)
 
 
 def sgg_optimizer_cls_and_kwargs(
@@ -220,4 +247,5 @@ __all__ = [  # noqa: F822
     "decay_parameter_groups",
     "decay_parameter_names",
     "resolve_trainer_clipping",
+    "check_sgg_kwargs",
 ]
