@@ -35,6 +35,7 @@ __all__ = [
     "StepCache",
     "StepPlan",
     "build_plan",
+    "upload",
     "PlanReuse",
     "TensorPlanReuse",
     "memo",
@@ -79,6 +80,20 @@ class StepCache:
     dist_index: dict[str, tuple[Any, torch.Tensor]] = field(default_factory=dict)
     #: distributed: the caches of the sub-plans of mixed placements, by job
     dist_parts: dict[str, StepCache] = field(default_factory=dict)
+    #: device tables a CUDA graph captured (:meth:`freeze`): never written or freed afterwards
+    frozen: list[torch.Tensor] = field(default_factory=list)
+
+    def freeze(self, tables: list[torch.Tensor | None]) -> None:
+        """A CUDA graph is capturing a step that reads ``tables``: later changes go to new tables
+        (:meth:`writable`), so that the graph keeps reading what it was captured with."""
+        self.frozen.extend(t for t in tables if t is not None and not self.is_frozen(t))
+
+    def is_frozen(self, t: torch.Tensor) -> bool:
+        return any(t is f for f in self.frozen)
+
+    def writable(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``t`` if a new upload may overwrite it in place, else None (a new table is made)."""
+        return None if t is None or self.is_frozen(t) else t
 
 
 def memo(table: dict[str, tuple[Any, T]], name: str, key: Any, make: Callable[[], T]) -> T:
@@ -183,12 +198,36 @@ class StepPlan:
         if hit is not None and hit[0] == key:
             return hit[1]
         t = torch.tensor(rows, dtype=dtype).reshape(len(rows), len(guidance.HYPER_COLS))
-        t = t.pin_memory().to(self.home, non_blocking=True) if self.home.type == "cuda" else t
+        if self.home.type == "cuda":
+            t = upload(t, self.home, into=None if hit is None else self.cache.writable(hit[1]))
         self.cache.hyper = (key, t)
         return t
 
 
 _MISSING = object()
+
+
+def upload(host: torch.Tensor, device: torch.device, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``host`` on ``device`` without a host sync (pinned staging, ``non_blocking``). With
+    ``into`` of the same shape, dtype and device, its contents are replaced in place instead
+    (stream-ordered, after every launch queued before), so that a changed table is not a new
+    allocation each step. Refused during a capture (the copy would be recorded into the graph and
+    its source freed). Tables a graph captured are never passed as ``into`` (StepCache.freeze)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "sgg_fast: the tensors (addresses, sizes) or settings of the step changed during CUDA "
+            "graph capture, so a device table would have to be uploaded inside the graph. Run one "
+            "eager step with the same tensors and settings before capturing; for an lr schedule "
+            "inside a graph, give the param_group a float32 tensor lr on the device."
+        )
+    same = into is not None and into.shape == host.shape and into.dtype == host.dtype and into.device == device
+    if device.type != "cuda":
+        return into.copy_(host) if same and into is not None else host.clone()
+    staged = host.pin_memory()
+    if same and into is not None:
+        return into.copy_(staged, non_blocking=True)
+    return staged.to(device, non_blocking=True)
+
 
 #: the group settings that decide a plan's layout: which segments, which state entries, which
 #: tensors the statistics read. Any other setting (lr, betas, λ, ...) is read from the group on

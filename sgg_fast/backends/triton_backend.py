@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import guidance as G
-from ..plan import REF_EMA, REFERENCES, StepPlan, describe
+from ..plan import REF_EMA, REFERENCES, StepPlan, describe, upload
 from . import register
 from .base import Backend, Partials
 
@@ -83,25 +83,21 @@ class _Tables:
         self.chunk = None
         self.hyper_key = None
         self.hyper = None  # float32 [NG, HYP_COLS] on the device
-        self.segs = {}  # key -> int64 [S, SEG_COLS] on the device
+        self.segs: dict[str, torch.Tensor] = {}  # "chunks" / "reduced" -> int64 [S, SEG_COLS] on the device
         self.plan = None  # weakref to the plan the tables were last validated for
         self.plan_uses = -1  # and its StepPlan.uses then (a reused plan is a new step)
         self.sync = None  # finalize's int32 workspace on the device (zero between launches)
+        self.seg_keys: dict[str, tuple] = {}  # what segs[name] was built for
+
+    def tables(self) -> list[torch.Tensor | None]:
+        """The tables whose contents encode the step (addresses, sizes, settings)."""
+        return [self.meta, self.chunks, self.hyper, *self.segs.values()]
 
 
-def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A device copy of ``host`` without a host sync (pinned staging, non_blocking); refused
-    during CUDA graph capture (the copy would be recorded into the graph, its source freed)."""
-    if device.type == "cpu":
-        return host.clone()
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "sgg_fast (backend='triton'): the tensors (addresses, sizes) or settings of the step "
-            "changed during CUDA graph capture, so a device table would have to be uploaded inside "
-            "the graph. Run one eager step with the same tensors and settings before capturing; "
-            "for an lr schedule inside a graph, give the param_group a float32 tensor lr on the device."
-        )
-    return host.pin_memory().to(device, non_blocking=True)
+def _put(plan: StepPlan, old: torch.Tensor | None, host: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """The device table holding ``host``: ``old`` updated in place, unless a CUDA graph captured
+    it (then a new table; the graph keeps reading the old one, which stays alive in the cache)."""
+    return upload(host, dev, into=plan.cache.writable(old))
 
 
 def _device_lr(lr, dev: torch.device | None) -> bool:
@@ -228,6 +224,8 @@ class TritonBackend(Backend):
         tab = plan.cache.triton
         if tab is None:
             tab = plan.cache.triton = _Tables()
+        if plan.home.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            plan.cache.freeze(tab.tables() + [plan.cache.hyper[1] if plan.cache.hyper else None])
         if tab.plan is not None and tab.plan() is plan and tab.plan_uses == plan.uses:
             return tab  # validated earlier in this step (stats, then apply)
         kstats, _, L = _kernels()
@@ -336,7 +334,7 @@ class TritonBackend(Backend):
                 chunk % 16 == 0 and all(ptrs[k][i] % 16 == 0 for k in range(5)) and vmp[i] % 16 == 0 for i in range(P)
             ]
             host[:, L.FLAGS] = tab.flags | (torch.tensor(al, dtype=torch.int64) * L.F_ALIGNED)
-            tab.meta = _upload(host, dev)
+            tab.meta = _put(plan, tab.meta, host, dev)
             tab.aligned = any(al)
             tab.amsgrad = any(vmp)
             tab.ptrs = ptrs
@@ -345,7 +343,9 @@ class TritonBackend(Backend):
         hkey = tuple(self._hyper_values(g) for g in plan.groups)
         if hkey != tab.hyper_key:
             rows = [self._hyper_row(v, L) for v in hkey]
-            tab.hyper = _upload(torch.tensor(rows, dtype=torch.float32).reshape(len(rows), L.HYP_COLS), dev)
+            tab.hyper = _put(
+                plan, tab.hyper, torch.tensor(rows, dtype=torch.float32).reshape(len(rows), L.HYP_COLS), dev
+            )
             tab.hyper_key = hkey
         tab.plan = weakref.ref(plan)
         tab.plan_uses = plan.uses
@@ -360,7 +360,7 @@ class TritonBackend(Backend):
         rows = torch.repeat_interleave(torch.arange(P, dtype=torch.int64), per)
         first = torch.cumsum(per, 0) - per  # first chunk of each tensor
         starts = (torch.arange(C, dtype=torch.int64) - first[rows]) * chunk
-        tab.chunks = _upload(torch.stack([rows, starts], dim=1).contiguous(), dev)
+        tab.chunks = _put(plan, tab.chunks, torch.stack([rows, starts], dim=1).contiguous(), dev)
         first_l = first.tolist()
         tab.seg_offsets = [first_l[s.start] for s in plan.segments] + [C]
         host = torch.zeros(P, L.META_COLS, dtype=torch.int64)
@@ -375,7 +375,7 @@ class TritonBackend(Backend):
         codes = {f & 3 for f in flags}
         tab.dt = codes.pop() if len(codes) == 1 else L.DT_MIXED
         tab.chunk = chunk
-        tab.segs = {}
+        tab.seg_keys = {}
 
     @staticmethod
     def _lr_ptrs(plan: StepPlan, dev: torch.device) -> list[int]:
@@ -418,14 +418,13 @@ class TritonBackend(Backend):
         with the address of each segment's (norm_ema, initialised) tensor."""
         nus = plan.seg_nus
         key = (tuple(offsets), tuple(t.data_ptr() for t in nus))
-        segs = tab.segs.get(key)
-        if segs is None:
+        name = "reduced" if list(offsets) == list(range(plan.num_segments + 1)) else "chunks"
+        if tab.seg_keys.get(name) != key:
             rows = [[offsets[s], offsets[s + 1], key[1][s]] for s in range(plan.num_segments)]
-            segs = _upload(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), L.SEG_COLS), plan.home)
-            if len(tab.segs) >= 4:
-                tab.segs.clear()
-            tab.segs[key] = segs
-        return segs
+            host = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), L.SEG_COLS)
+            tab.segs[name] = _put(plan, tab.segs.get(name), host, plan.home)
+            tab.seg_keys[name] = key
+        return tab.segs[name]
 
     # -- the stages --------------------------------------------------------------------------
     def stats(self, plan: StepPlan) -> Partials:
