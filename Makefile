@@ -19,14 +19,14 @@ ISA_TESTS := tests/test_csrc.py $(wildcard tests/test_fuzz.py)
 ISA_BACKEND_TESTS := tests/test_equivalence.py tests/test_state.py
 
 # the tools of `make lint` (not a setup.py extra: installing an extra rebuilds the extension)
-LINT_DEPS := ruff mypy clang-format pre-commit
+LINT_DEPS := ruff mypy clang-format pre-commit import-linter
 
 STAMP       := $(VENV)/.sgg_fast_installed
 BENCH_STAMP := $(VENV)/.sgg_fast_bench_installed
 LINT_STAMP  := $(VENV)/.sgg_fast_lint_installed
 
 .PHONY: install test test-python test-triton test-isa test-dist bench bench-quick bench-pytest \
-        profile info lint format clean fewshot fewshot-quick
+        profile info lint format clean fewshot fewshot-quick aot-image
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -84,12 +84,13 @@ $(LINT_STAMP): $(STAMP) setup.py
 	$(BIN)/python -m pip install -q $(LINT_DEPS)
 	touch $(LINT_STAMP)
 
-# ruff (lint + format check) and mypy on sgg_fast/, clang-format on csrc/ (see pyproject.toml,
-# .clang-format, .pre-commit-config.yaml)
+# ruff (lint + format check) and mypy on sgg_fast/, the layers contract of pyproject.toml
+# (import-linter), clang-format on csrc/ (see pyproject.toml, .clang-format, .pre-commit-config.yaml)
 lint: $(LINT_STAMP)
 	$(BIN)/ruff check sgg_fast kernels benchmarks tests setup.py
 	$(BIN)/ruff format --check sgg_fast
 	$(BIN)/mypy sgg_fast
+	$(BIN)/lint-imports
 	$(BIN)/clang-format --dry-run --Werror $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 
 format: $(LINT_STAMP)
@@ -111,3 +112,41 @@ fewshot-quick: $(STAMP)
 
 fewshot: $(STAMP)
 	nice -n 19 $(BIN)/python benchmarks/fewshot.py
+
+# The GPU image's toolchain, checked without a GPU (issue 25; benchmarks/aot_check.py): every launch
+# variant of the triton backend compiled ahead of time for sm_90 under the image's triton (and the
+# installed one), failing on a compiler error or a register spill; and csrc/ (C++ and CUDA)
+# compiled to objects against the image's torch headers with nvcc for sm_90. The pins are installed
+# beside the venv, under build/aot/ (cached: a rerun downloads nothing): triton with
+# `pip install --target` (≈640 MB); torch's headers unpacked from its wheel (torch/include,
+# version.py, utils/cpp_extension.py: ≈60 MB; the 500 MB wheel is deleted). A pin that cannot be
+# installed fails the target, never skips it.
+IMAGE_TRITON := 3.6.0
+IMAGE_TORCH  := 2.11.0
+AOT_DIR      := build/aot
+AOT_TRITON   := $(AOT_DIR)/triton-$(IMAGE_TRITON)
+AOT_TORCH    := $(AOT_DIR)/torch-$(IMAGE_TORCH)
+
+$(AOT_TRITON)/.installed:
+	rm -rf $(AOT_TRITON) $(AOT_TRITON).partial
+	$(BIN)/python -m pip install -q --no-deps --target $(AOT_TRITON).partial triton==$(IMAGE_TRITON) \
+	  || { echo "aot-image: FAILED: cannot install triton==$(IMAGE_TRITON) (the GPU image's) with pip install --target"; exit 1; }
+	mv $(AOT_TRITON).partial $(AOT_TRITON)
+	touch $@
+
+$(AOT_TORCH)/.unpacked:
+	rm -rf $(AOT_TORCH) $(AOT_DIR)/wheels
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d $(AOT_DIR)/wheels torch==$(IMAGE_TORCH) \
+	  || { echo "aot-image: FAILED: cannot download the torch==$(IMAGE_TORCH) wheel (the GPU image's headers)"; exit 1; }
+	$(BIN)/python -c "import glob, sys, zipfile; \
+	  w = glob.glob('$(AOT_DIR)/wheels/torch-$(IMAGE_TORCH)*.whl'); assert len(w) == 1, w; z = zipfile.ZipFile(w[0]); \
+	  keep = ('torch/version.py', 'torch/utils/cpp_extension.py'); \
+	  names = [n for n in z.namelist() if n.startswith('torch/include/') or n in keep]; \
+	  z.extractall('$(AOT_TORCH)', names); print('aot-image:', len(names), 'files of', w[0])"
+	test -f $(AOT_TORCH)/torch/include/torch/extension.h
+	rm -rf $(AOT_DIR)/wheels
+	touch $@
+
+aot-image: $(STAMP) $(AOT_TRITON)/.installed $(AOT_TORCH)/.unpacked
+	$(BIN)/python benchmarks/aot_check.py triton --triton-path $(AOT_TRITON) --json $(AOT_DIR)/triton.json
+	$(BIN)/python benchmarks/aot_check.py csrc --torch-root $(AOT_TORCH)

@@ -60,28 +60,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
-    from typing_extensions import TypeIs
+    pass
 
 from . import guidance as G
-from .backends.base import Partials
-from .plan import Segment, StepCache, StepPlan, memo
+from .plan import Partials, Segment, StepCache, StepPlan, memo
+from .vocabulary import dtensor_type, is_dtensor
 
 __all__ = ["check_process_group", "is_dtensor", "like_param", "prepare", "idle_step", "StatsSync"]
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _dtensor_type():
-    """The DTensor class if ``torch.distributed.tensor`` is loaded (else no tensor can be one)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None) if mod is not None else None
-
-
-def is_dtensor(t: Any) -> TypeIs[DTensor]:
-    DT = _dtensor_type()
-    return DT is not None and isinstance(t, DT)
-
-
 def _all_reduce(buf: torch.Tensor, group) -> None:
     """The collective of a step: ``buf`` summed in place over ``group`` (NCCL: enqueued on the
     current stream, no host sync). A module function so that tests can count or remove it."""
@@ -426,7 +414,7 @@ def prepare(plan: StepPlan, process_group, owner: str) -> StatsSync | None:
     None when nothing needs summing (one process, DDP, HSDP with unsharded shard dimension):
     then the step is exactly the single-process one. Mutates no tensor.
     """
-    DT = _dtensor_type()
+    DT = dtensor_type()
     P = len(plan.params)
     dt_mask = [isinstance(p, DT) for p in plan.params] if DT is not None else [False] * P
     has_dt = any(dt_mask)

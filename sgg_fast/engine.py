@@ -26,8 +26,9 @@ import torch
 from . import backends as _backends
 from . import distributed as _distributed
 from . import guidance as G
-from .backends.base import Backend, Partials
-from .plan import StepCache, StepPlan
+from .backends.base import Backend
+from .plan import Partials, StepCache, StepPlan
+from .vocabulary import is_dtensor
 
 #: pending skip flags folded into the device counter once this many have accumulated
 _SKIP_FOLD = 64
@@ -104,8 +105,9 @@ class StepEngine:
         """
         if not plan.reused:
             # a plan with DTensors is rewritten to local shards below: it cannot be reused
-            self.last_local = self.process_group is None and not any(map(_distributed.is_dtensor, plan.params))
-        sync = None if plan.reused else _distributed.prepare(plan, self.process_group, self.owner)
+            self.last_local = self.process_group is None and not any(map(is_dtensor, plan.params))
+        # a local step (one process, DDP) never enters the distributed layer
+        sync = None if plan.reused or self.last_local else _distributed.prepare(plan, self.process_group, self.owner)
         backend = self.resolve(plan)
         if partials is None:
             partials = backend.stats(plan) if sync is None else sync.stats(plan, backend)

@@ -67,6 +67,8 @@ from __future__ import annotations
 
 import torch
 
+from . import vocabulary as _vocabulary
+
 #: columns of the statistics tensor
 STAT_COLS = ("gg", "rr", "gr", "pp")
 GG, RR, GR, PP = range(4)
@@ -87,7 +89,7 @@ HYPER_COLS = (
 (H_LDIR, H_LMAG, H_LALIGN, H_MODE, H_MAXNORM, H_RATIO, H_MBETA, H_GRSIGN, H_ASIGN, H_BSIGN) = range(len(HYPER_COLS))
 
 #: codes of ``mag_mode`` in the ``mag_mode`` column
-MAG_MODES = {"absolute": 0, "relative": 1, "param": 2}
+MAG_MODES = {name: code for code, name in enumerate(_vocabulary.MAG_MODES)}  # absolute 0, relative 1, param 2
 
 #: columns of the finalize output. The first four drive the apply pass and the ν state;
 #: ``bad`` marks a segment whose statistics (or α, β) are not finite, ``skipped`` (same in every

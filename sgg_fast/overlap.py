@@ -59,8 +59,7 @@ import torch
 
 from . import backends as _backends
 from . import distributed as _distributed
-from .backends.base import Partials
-from .plan import REF_MOMENTUM, Segment, StepCache, StepPlan, TensorPlanReuse, check_grad, describe
+from .plan import REF_MOMENTUM, Partials, Segment, StepCache, StepPlan, TensorPlanReuse, check_grad, describe
 from .validation import REFERENCES
 
 __all__ = ["overlap_backward", "OverlapHandle", "MODES"]

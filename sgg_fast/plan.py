@@ -14,24 +14,21 @@ import itertools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from . import _ext, guidance
-from .validation import GRANULARITIES, MAG_MODES, NONFINITE, REFERENCES, SEGMENT_KEYS
-
-if TYPE_CHECKING:
-    from .backends.triton_backend import _Tables
+from .validation import SEGMENT_KEYS
+from .vocabulary import GRANULARITIES, MAG_MODES, NONFINITE, REF_EMA, REF_MOMENTUM, REF_SOURCE, REFERENCES
 
 T = TypeVar("T")
-
-REF_MOMENTUM, REF_EMA, REF_SOURCE = range(3)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 __all__ = [
     "Segment",
+    "Partials",
     "StepCache",
     "StepPlan",
     "build_plan",
@@ -63,6 +60,23 @@ class Segment:
 
 
 @dataclass
+class Partials:
+    """Partial statistics: ``values[c] = (gg, rr, gr, pp)`` of chunk ``c``.
+
+    Chunks are ordered by segment: segment ``s`` owns rows ``offsets[s]:offsets[s+1]``
+    (host list, ``S + 1`` entries). When every segment has exactly one row the partials are
+    already reduced (``is_reduced``); the distributed layer all-reduces reduced partials.
+    """
+
+    values: torch.Tensor  # [C, 4] float32 on the plan's home device
+    offsets: list[int]  # [S + 1]
+
+    @property
+    def is_reduced(self) -> bool:
+        return len(self.values) == len(self.offsets) - 1 and self.offsets == list(range(len(self.offsets)))
+
+
+@dataclass
 class StepCache:
     """What the owner of the plans (the engine; ``overlap_backward``, per parameter) keeps across
     steps, so that a step like the last one rebuilds and uploads nothing. One field per module
@@ -72,8 +86,8 @@ class StepCache:
     hyper: tuple[Any, torch.Tensor] | None = None
     #: the cpp backend's per-step inputs by name (offsets, op lists, device tables)
     cpp: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    #: the triton backend's device tables
-    triton: _Tables | None = None
+    #: the triton backend's device tables (its ``_Tables``)
+    triton: Any = None
     #: distributed: the slot layout last checked across ranks
     dist_layout_checked: tuple | None = None
     #: distributed: index tensors by name (slots, absent slots, sub-plan parents)

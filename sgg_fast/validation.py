@@ -13,11 +13,7 @@ from typing import Any
 import torch
 
 from . import guidance
-
-REFERENCES = ("momentum", "ema", "source")
-GRANULARITIES = ("group", "tensor", "global")
-MAG_MODES = tuple(guidance.MAG_MODES)
-NONFINITE = ("skip", "raise")
+from .vocabulary import GRANULARITIES, MAG_MODES, NONFINITE, REFERENCES, is_dtensor  # noqa: E402
 
 #: guidance settings, with their defaults (every one may be set per param_group)
 GUIDANCE_DEFAULTS: dict[str, Any] = dict(
@@ -193,6 +189,7 @@ def step_problem(step: Any) -> str | None:
     if isinstance(step, bool) or not isinstance(step, (int, float, torch.Tensor)):
         return f"is {step!r} ({type(step).__name__}); it must be a number or a one-element tensor"
     if isinstance(step, torch.Tensor):
+        step = step.to_local() if is_dtensor(step) else step
         if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool or step.device.type == "meta":
             return (
                 f"is a tensor of shape {tuple(step.shape)} and dtype {step.dtype}; it must be a one-element real tensor"
@@ -271,7 +268,10 @@ def check_loaded_state(owner: str, state: dict, groups: list[dict], params: list
                     f"{where}: state[{key!r}] of parameter {pid} is a {t.dtype} {t.layout} tensor on "
                     f"{t.device}; it must be a dense floating tensor with data"
                 )
-            checks.append((f"state[{key!r}] of parameter {pid}", t, key in _NONNEGATIVE))
+            # a DTensor (FSDP2) is checked on this rank's shard
+            checks.append(
+                (f"state[{key!r}] of parameter {pid}", t.to_local() if is_dtensor(t) else t, key in _NONNEGATIVE)
+            )
         moments = [k for k in ("exp_avg", "exp_avg_sq") if k in st]
         if moments and "step" not in st:
             raise ValueError(
@@ -279,8 +279,10 @@ def check_loaded_state(owner: str, state: dict, groups: list[dict], params: list
             )
         if "step" in st:
             problem = step_problem(st["step"])
-            if problem is None and isinstance(st["step"], torch.Tensor) and st["step"].device.type != "cpu":
-                problem = step_problem(st["step"].detach().cpu())
+            step = st["step"]
+            if problem is None and isinstance(step, torch.Tensor) and (is_dtensor(step) or step.device.type != "cpu"):
+                step = step.to_local() if is_dtensor(step) else step
+                problem = step_problem(step.detach().cpu())
             if problem:
                 raise ValueError(f"{where}: state['step'] of parameter {pid} {problem}")
         if "norm_ema" in st and st["norm_ema"] is not None:
@@ -365,8 +367,6 @@ def check_reference_shapes(
         out[p] = r
     if nonfinite:
         # one host read for all of them (set_reference is not on the step's path)
-        from .distributed import is_dtensor
-
         flags = torch.stack(
             [(~torch.isfinite(r.to_local() if is_dtensor(r) else r)).any().cpu() for _, r in nonfinite]
         ).tolist()

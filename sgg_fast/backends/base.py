@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..plan import StepPlan
-
-
-@dataclass
-class Partials:
-    """Partial statistics: ``values[c] = (gg, rr, gr, pp)`` of chunk ``c``.
-
-    Chunks are ordered by segment: segment ``s`` owns rows ``offsets[s]:offsets[s+1]``
-    (host list, ``S + 1`` entries). When every segment has exactly one row the partials are
-    already reduced (``is_reduced``); the distributed layer all-reduces reduced partials.
-    """
-
-    values: torch.Tensor  # [C, 4] float32 on the plan's home device
-    offsets: list[int]  # [S + 1]
-
-    @property
-    def is_reduced(self) -> bool:
-        return len(self.values) == len(self.offsets) - 1 and self.offsets == list(range(len(self.offsets)))
+from ..plan import Partials, StepPlan
 
 
 class Backend:

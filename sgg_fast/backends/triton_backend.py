@@ -83,11 +83,11 @@ class _Tables:
         self.chunk = None
         self.hyper_key = None
         self.hyper = None  # float32 [NG, HYP_COLS] on the device
-        self.segs: dict[str, torch.Tensor] = {}  # "chunks" / "reduced" -> int64 [S, SEG_COLS] on the device
+        self.segs = {}  # "chunks" / "reduced" -> int64 [S, SEG_COLS] on the device
         self.plan = None  # weakref to the plan the tables were last validated for
         self.plan_uses = -1  # and its StepPlan.uses then (a reused plan is a new step)
         self.sync = None  # finalize's int32 workspace on the device (zero between launches)
-        self.seg_keys: dict[str, tuple] = {}  # what segs[name] was built for
+        self.seg_keys = {}  # what segs[name] was built for
 
     def tables(self) -> list[torch.Tensor | None]:
         """The tables whose contents encode the step (addresses, sizes, settings)."""
