@@ -209,11 +209,11 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
 
     _owner = "SGGAdamW"
     #: the hooks of sgg_fast.overlap_backward, when installed (they run part of the step in backward)
-    _overlap = None
+    overlap_handle = None
     #: last step's plan, reused while its tensors, state and layout are unchanged (plan.PlanReuse)
     _reuse: PlanReuse | None = None
     #: set False to build and check the plan from scratch every step (tests compare the two)
-    _reuse_plans = True
+    reuse_plans = True
 
     def __init__(
         self,
@@ -464,7 +464,7 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """One SGG-AdamW step. ``closure`` re-evaluates the model and returns the loss."""
         loss = self._closure_loss(closure)
-        overlap = self._overlap
+        overlap = self.overlap_handle
         if overlap is not None:
             overlap.before_step()
         plan, pending = self._plan()  # every check happens here, before any write
@@ -477,7 +477,7 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
                 self._engine.run(plan, "apply", partials)
                 skipped = self._engine.last_host_skip is True
                 self._commit(pending, skipped)
-                if self._reuse_plans and not plan.reused and not (skipped and pending) and self._engine.last_local:
+                if self.reuse_plans and not plan.reused and not (skipped and pending) and self._engine.last_local:
                     if overlap is None or overlap.mode != "step":
                         self._reuse = PlanReuse(plan, self.param_groups, self.state)
             if overlap is not None:
@@ -486,10 +486,40 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
             plan.grads = []  # a kept plan must not keep this step's gradients alive
         return loss
 
+    # -- a step taken in parts (sgg_fast.overlap: one tensor at a time, inside backward) ------
+    @property
+    def engine(self) -> StepEngine:
+        """The step engine (backend choice, caches, last statistics) this optimizer drives."""
+        return self._engine
+
+    @property
+    def owner(self) -> str:
+        """The name error messages give this optimizer ("SGGAdamW")."""
+        return self._owner
+
+    def check_settings(self) -> None:
+        """Re-validate the param groups edited since they were last checked (as ``step()`` does)."""
+        self._check_settings(self.param_groups)
+
+    def step_plan(self, plan: StepPlan) -> tuple[torch.Tensor, bool]:
+        """The whole SGG step of ``plan``, a checked plan of some of this optimizer's tensors
+        (``build_plan``'s checks done; a plan handed out again by ``plan.TensorPlanReuse`` has
+        its state attached): the state is checked and attached, the engine runs statistics,
+        finalize and apply, and state made for the step is stored unless it was skipped.
+        Returns the finalize output and whether the plan may be kept for the next step."""
+        pending: dict = {}
+        if not plan.reused:
+            self._check_state(plan)
+            pending = self._init_group(plan)
+        out = self._engine.run(plan, "apply")
+        skipped = self._engine.last_host_skip is True
+        self._commit(pending, skipped)
+        return out, not plan.reused and not (skipped and pending)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        if self._overlap is not None:
-            self._overlap.zero_grad()
+        if self.overlap_handle is not None:
+            self.overlap_handle.zero_grad()
 
     # -- state dict, pickling ------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -504,7 +534,7 @@ class SGGAdamW(GuidedOptimizerMixin, Optimizer):
             )
         state.pop("_engine", None)
         state.pop("_settings_keys", None)
-        state.pop("_overlap", None)  # hooks belong to the live model, not to a copy
+        state.pop("overlap_handle", None)  # hooks belong to the live model, not to a copy
         state.pop("_reuse", None)  # refers to this optimizer's own plan and state objects
         state.pop("_step_supports_amp_scaling", None)
         return state

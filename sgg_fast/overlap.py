@@ -108,7 +108,7 @@ class OverlapHandle:
             )
         if mode not in MODES:
             raise ValueError(f"overlap_backward: mode must be one of {MODES}, got {mode!r}")
-        if getattr(optimizer, "_overlap", None) is not None:
+        if getattr(optimizer, "overlap_handle", None) is not None:
             raise RuntimeError(
                 "overlap_backward: this optimizer already has hooks; call "
                 ".remove() on the first handle before making another"
@@ -184,7 +184,7 @@ class OverlapHandle:
         self._amp_attr = optimizer.__dict__.get("_step_supports_amp_scaling", _MISSING)
         # GradScaler.step(opt) then hands the scale over as opt.grad_scale, which step() refuses
         optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]
-        optimizer._overlap = self  # type: ignore[assignment]
+        optimizer.overlap_handle = self  # type: ignore[assignment]
 
     # -- public API --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -211,8 +211,8 @@ class OverlapHandle:
             h.remove()
         self._handles = []
         opt = self._opt
-        if opt.__dict__.get("_overlap") is self:
-            del opt._overlap
+        if opt.__dict__.get("overlap_handle") is self:
+            del opt.overlap_handle
             if self._amp_attr is _MISSING:
                 opt.__dict__.pop("_step_supports_amp_scaling", None)
             else:
@@ -279,14 +279,14 @@ class OverlapHandle:
         return plan
 
     def _remember(self, p: torch.Tensor, plan: StepPlan) -> None:
-        if self._opt._reuse_plans:
+        if self._opt.reuse_plans:
             self._reuse[p] = TensorPlanReuse(plan, self._opt.param_groups, self._opt.state)
 
     def _one_plan(self, p: torch.Tensor, g: torch.Tensor) -> StepPlan:
         """The plan of tensor ``p`` alone (one segment), checked like ``build_plan`` checks."""
         gi, pi = self._where(p)
         group = self._opt.param_groups[gi]
-        check_grad(self._opt._owner, gi, pi, p, g)
+        check_grad(self._opt.owner, gi, pi, p, g)
         plan = StepPlan(groups=self._opt.param_groups, cache=self._cache(p))
         plan.segments.append(
             Segment(
@@ -333,7 +333,7 @@ class OverlapHandle:
                 self._stats_one(p, g)
 
     def _backend(self, plan: StepPlan):
-        engine = self._opt._engine
+        engine = self._opt.engine
         key = (engine.backend, os.environ.get(_backends.ENV_VAR), plan.params[0].device, plan.params[0].dtype)
         b = self._backend_cache.get(key)
         if b is None:
@@ -413,18 +413,13 @@ class OverlapHandle:
         """Mode "step": the whole SGG step of this tensor, then its gradient is freed."""
         opt = self._opt
         if not self._used:  # the first hook of this step: settings cannot change during backward
-            opt._check_settings(opt.param_groups)
+            opt.check_settings()
         plan = self._reused(p, g)
         try:
-            pending: dict = {}
             if plan is None:
                 plan = self._one_plan(p, g)
-                opt._check_state(plan)
-                pending = opt._init_group(plan)
-            out = opt._engine.run(plan, "apply")
-            skipped = opt._engine.last_host_skip is True
-            opt._commit(pending, skipped)
-            if not plan.reused and not (skipped and pending):
+            out, keep = opt.step_plan(plan)
+            if keep:
                 self._remember(p, plan)
         finally:
             if plan is not None:
@@ -491,7 +486,7 @@ class OverlapHandle:
         self._stats.clear()
         self._used.clear()
         if self.mode == "step" and self._outs:
-            engine = self._opt._engine
+            engine = self._opt.engine
             rows = list(self._outs)
             out = engine.last_out
             if plan is not None and plan.params and out is not None:

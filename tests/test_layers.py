@@ -79,7 +79,7 @@ def test_a_local_step_never_enters_the_distributed_layer(backend):
         if event == "call" and frame.f_code.co_filename == dist_file:
             entered.append(frame.f_code.co_name)
 
-    for k in range(3):  # a new plan, then reused ones
+    for _ in range(3):  # a new plan, then reused ones
         for p in ps:
             p.grad = torch.randn_like(p)
         sys.setprofile(prof)
@@ -97,3 +97,31 @@ def test_a_local_step_never_enters_the_distributed_layer(backend):
     finally:
         sys.setprofile(None)
     assert "prepare" in entered
+
+
+def test_overlap_uses_no_private_name_of_the_optimizer():
+    """overlap_backward drives the optimizer through its public methods (``step_plan``,
+    ``check_settings``, ``engine``, ``owner``, ``overlap_handle``), never its privates."""
+    import ast
+
+    def private_names(path):
+        tree = ast.parse(open(path).read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("_") \
+                    and not node.name.startswith("__"):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self" \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                names.add(node.attr)
+        return names
+
+    own = private_names(os.path.join(ROOT, "sgg_fast", "optimizer.py"))
+    assert {"_check_state", "_init_group", "_commit", "_engine"} <= own  # premise: the privates are seen
+    tree = ast.parse(open(os.path.join(ROOT, "sgg_fast", "overlap.py")).read())
+    used = sorted({node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                   and isinstance(node.value, ast.Name) and node.value.id in ("opt", "optimizer")
+                   and node.attr in own}
+                  | {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                     and isinstance(node.value, ast.Attribute) and node.value.attr == "_opt" and node.attr in own})
+    assert used == [], used

@@ -300,7 +300,7 @@ def test_refuses_ddp_and_multiprocess(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(RuntimeError, match="world size 2"):
         overlap_backward(model, opt)
-    assert opt._overlap is None
+    assert opt.overlap_handle is None
 
 
 def test_refuses_dtensor_parameters(monkeypatch):
@@ -346,8 +346,8 @@ def test_remove_restores_the_ordinary_step_and_copies_drop_the_hooks():
     with overlap_backward(model, opt) as h:
         assert h.mode == "step" and opt._step_supports_amp_scaling
         clone = copy.deepcopy(opt)
-        assert clone._overlap is None and not getattr(clone, "_step_supports_amp_scaling", False)
-    assert opt._overlap is None and not hasattr(opt, "_step_supports_amp_scaling")
+        assert clone.overlap_handle is None and not getattr(clone, "_step_supports_amp_scaling", False)
+    assert opt.overlap_handle is None and not hasattr(opt, "_step_supports_amp_scaling")
     loss_of(model, batches(1)[0]).backward()
     assert all(p.grad is not None for p in model.parameters())   # no hook ran
     opt.step()

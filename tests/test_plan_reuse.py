@@ -1,7 +1,7 @@
 """Reusing last step's checked plan (plan.PlanReuse) changes nothing a user can observe.
 
 Two optimizers over identical models: one reuses its plan while nothing changed (the default),
-the other builds and checks a new plan every step (``_reuse_plans = False``). Every scenario,
+the other builds and checks a new plan every step (``reuse_plans = False``). Every scenario,
 including the edits that must invalidate a reused plan (state replaced or deleted, a parameter's
 ``.data`` swapped, a sparse or differently strided gradient, structural settings changed, a
 parameter group added, ``load_state_dict``), must give the same parameters and state bitwise, and
@@ -35,7 +35,7 @@ def _pair(backend, **kw):
             {"params": ps[3:], "lr": 3e-3, "weight_decay": 0.1},
         ]
         opt = SGGAdamW(groups, backend=backend, lr=1e-2, lambda_dir=0.3, lambda_mag=0.2, lambda_align=0.2, **kw)
-        opt._reuse_plans = reuse
+        opt.reuse_plans = reuse
         out.append((ps, opt))
     return out
 
@@ -268,13 +268,13 @@ def test_hooks_reuse_their_plans(backend, mode, gran):
     for t in range(4):
         assert _train_both(pair, t) is None
     (ps, opt), (_ps2, opt2) = pair
-    reuse = opt._overlap._reuse
+    reuse = opt.overlap_handle._reuse
     if mode == "stats" and backend not in ("cpu", "cuda", "torch"):
         assert not reuse  # step() takes the statistics (overlap.PRECOMPUTED_STATS_BACKENDS)
         return
     # the premise: every hook hands out its plan of the last step, the rebuilding one none
     assert set(reuse) == set(ps) and all(r.plan.uses >= 2 and r.plan.grads == [] for r in reuse.values())
-    assert not opt2._overlap._reuse
+    assert not opt2.overlap_handle._reuse
 
 
 @pytest.mark.parametrize("mode,gran", OVERLAP_MODES)
@@ -321,7 +321,7 @@ def _backend_switch_case(reuse: bool):
     a = torch.randn(5, generator=gen).requires_grad_(True)
     b = torch.randn(4, 3, generator=gen).requires_grad_(True)
     opt = SGGAdamW([b, a, c], granularity="tensor", lr=1e-2, lambda_dir=0.3)
-    opt._reuse_plans = reuse
+    opt.reuse_plans = reuse
     overlap_backward([b, a, c], opt, mode="step")
     ids = {id(b): "b", id(a): "a", id(c): "c"}
     names: list[tuple[str, str]] = []
