@@ -246,8 +246,8 @@ def finalize(stats: torch.Tensor, hyper: torch.Tensor, nu: torch.Tensor) -> torc
     Args:
         stats: ``[S, 4]`` per-segment sums ``(gg, rr, gr, pp)``.
         hyper: ``[S, 10]`` per-segment hyper-parameters (:data:`HYPER_COLS`).
-        nu: ``[S, 2]`` current ``(norm_ema, initialised)`` (:data:`NU_COLS`); a ``[S]`` tensor of ν
-            alone is read with "initialised" = ``ν > 0``.
+        nu: ``[S, 2]`` current ``(norm_ema, initialised)`` (:data:`NU_COLS`); any other shape is a
+            ``ValueError``.
 
     Returns:
         ``[S, len(OUT_COLS)]`` in the dtype and on the device of ``stats``. Pure batched tensor

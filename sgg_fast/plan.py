@@ -2,8 +2,9 @@
 
 :func:`build_plan` collects, from ``param_groups``, the tensors with a gradient, checks them
 (before anything is mutated, so bad input never corrupts parameters or state) and orders them
-segment by segment. The engine then attaches the state lists; backends read the plan (the
-groups, for per-group settings, through ``plan.groups``) and never change its lists.
+segment by segment. The optimizer then attaches the state lists (``SGGAdamW._init_group``,
+``GradientGuidance``'s own); backends read the plan (the groups, for per-group settings, through
+``plan.groups``) and never change its lists.
 
 Architecture of a step (DESIGN §3): params → statistics → finalize (α, β, skip) → apply.
 """
@@ -506,7 +507,7 @@ def build_plan(
     checked by :mod:`sgg_fast.validation`). Parameters whose ``.grad`` is None take no part.
     """
     plan = StepPlan(groups=param_groups, cache=cache if cache is not None else StepCache(), rewrite_grad=rewrite_grad)
-    global_seg: Segment | None = None
+    has_global = False
     global_members: list[tuple[int, int, torch.Tensor]] = []
     pending: list[tuple[str, dict, list[tuple[int, int, torch.Tensor]]]] = []
 
@@ -519,8 +520,8 @@ def build_plan(
             check_grad(owner, gi, pi, p, g)
             members.append((gi, pi, p))
         if group["granularity"] == "global":
-            if global_seg is None:
-                global_seg = Segment(-1, "the global segment", group, torch.device("cpu"), 0, 0)
+            if not has_global:
+                has_global = True
                 pending.append(("global", group, global_members))
             global_members.extend(members)
         elif group["granularity"] == "tensor":
