@@ -1382,8 +1382,9 @@ def render_transfer(summ: dict, meta: dict, cfg: Config, complete: bool) -> str:
         best = summ["best_transfer"][K]
         L.append(f"K = {K}: {cell['adamw+clip']['n']} paired seeds; best transfer baseline `{best}`. Accuracy = test "
                  "accuracy (%), mean ± std over seeds; differences in points, [95 % interval], exact sign-flip p, "
-                 "Holm-adjusted p (family of 14), wins/losses; *align_src* = mean cos(target-loss gradient, "
-                 "source-task gradient at the pretrained weights), measured alike for every arm:")
+                 f"Holm-adjusted p (over the {len(summ['comps'])} comparisons made), wins/losses; *align_src* = mean "
+                 "cos(target-loss gradient, source-task gradient at the pretrained weights), measured alike for every "
+                 "arm:")
         L.append("")
         L.append("| arm | chosen | accuracy | vs `adamw+clip` | vs best transfer | align_src | stability |")
         L.append("|---|---|---|---|---|---|---|")
