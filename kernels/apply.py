@@ -91,21 +91,16 @@ def _to_bf16(x):
 
 
 @triton.jit
-def _store_as(addr, offs, x, mask, code, DT: tl.constexpr, ALIGNED: tl.constexpr):
-    """Store float32 ``x`` at ``addr[offs]`` (an int64 address) in the tensor's element type."""
+def _store_as(addr, offs, x, mask, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Store float32 ``x`` at ``addr[offs]`` (an int64 address) in the element type ``DT`` (a
+    compile-time constant; mixed-type launches dispatch once per program, see :func:`_adamw_typed`)."""
+    tl.static_assert(DT >= 0, "_store_as takes a fixed element type (dispatch per program on DT = -1)")
     if DT == 0:
         tl.store(_ptr(addr, tl.float32, ALIGNED) + offs, x, mask=mask)
     elif DT == 1:
         tl.store(_ptr(addr, tl.bfloat16, ALIGNED) + offs, _to_bf16(x), mask=mask)
-    elif DT == 2:
-        tl.store(_ptr(addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
     else:
-        if code == 0:
-            tl.store(_ptr(addr, tl.float32, ALIGNED) + offs, x, mask=mask)
-        elif code == 1:
-            tl.store(_ptr(addr, tl.bfloat16, ALIGNED) + offs, _to_bf16(x), mask=mask)
-        else:
-            tl.store(_ptr(addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
+        tl.store(_ptr(addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
 
 
 @triton.jit
@@ -120,7 +115,7 @@ def _one_minus_pow(ln_b, t):
 
 
 @triton.jit
-def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, mask, code, read_r, is_ema, is_m,
+def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, mask, read_r, is_ema, is_m,
                  alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
                  DT: tl.constexpr, ALIGNED: tl.constexpr, AMS: tl.constexpr):
     """DESIGN §1 D on one block: u = α·g + β·r, the ema update, m, v, p (fp32 registers);
@@ -129,18 +124,18 @@ def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, mask, co
     ``bc2``: √(1-β2^t) under the interpreter (IEEE sqrt and divisions: the bits of the torch
     and CPU backends), its reciprocal when compiled (one multiply; the GPU's sqrt and division
     instructions, within 2 ulp)."""
-    g = _load_f32(g_addr, offs, mask, code, DT, ALIGNED)
-    m = _load_f32(m_addr, offs, mask, code, DT, ALIGNED)
-    v = _load_f32(v_addr, offs, mask, code, DT, ALIGNED)
-    p = _load_f32(p_addr, offs, mask, code, DT, ALIGNED)
-    r = _load_f32(r_addr, offs, mask & read_r, code, DT, ALIGNED)
+    g = _load_f32(g_addr, offs, mask, DT, ALIGNED)
+    m = _load_f32(m_addr, offs, mask, DT, ALIGNED)
+    r = _load_f32(r_addr, offs, mask & read_r, DT, ALIGNED)
     r = tl.where(is_m, m, r)                   # momentum reference: exp_avg before the step
     u = alpha * g + beta * r
-    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT, ALIGNED)
+    v = _load_f32(v_addr, offs, mask, DT, ALIGNED)
+    p = _load_f32(p_addr, offs, mask, DT, ALIGNED)
+    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, DT, ALIGNED)
     m = b1 * m + omb1 * u
     v = b2 * v + omb2 * (u * u)
     if AMS:
-        vm = _load_f32(vm_addr, offs, mask, code, DT, ALIGNED)
+        vm = _load_f32(vm_addr, offs, mask, DT, ALIGNED)
         vm = tl.maximum(vm, v, propagate_nan=tl.PropagateNan.ALL)
         vd = vm
     else:
@@ -151,15 +146,15 @@ def _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, mask, co
     else:
         denom = tl.sqrt(vd) * bc2 + eps
         p = p * decay - step_size * (m / denom)
-    _store_as(p_addr, offs, p, mask, code, DT, ALIGNED)
-    _store_as(m_addr, offs, m, mask, code, DT, ALIGNED)
-    _store_as(v_addr, offs, v, mask, code, DT, ALIGNED)
+    _store_as(p_addr, offs, p, mask, DT, ALIGNED)
+    _store_as(m_addr, offs, m, mask, DT, ALIGNED)
+    _store_as(v_addr, offs, v, mask, DT, ALIGNED)
     if AMS:
-        _store_as(vm_addr, offs, vm, mask, code, DT, ALIGNED)
+        _store_as(vm_addr, offs, vm, mask, DT, ALIGNED)
 
 
 @triton.jit
-def _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, code, read_r, is_ema, is_m,
+def _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, read_r, is_ema, is_m,
                 alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
                 BLOCK: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr, AMS: tl.constexpr):
     """The full blocks [start, start + n_full) of a chunk (VEC: 16-byte aligned addresses)."""
@@ -169,34 +164,63 @@ def _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, 
         if VEC:
             base = tl.multiple_of(base, 16)
         offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
-        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, full, code, read_r, is_ema, is_m,
+        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, full, read_r, is_ema, is_m,
                      alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, DT, VEC, AMS)
 
 
 @triton.jit
-def _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, code, read_r,
+def _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, read_r,
                  is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
                  BLOCK: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr, AMS: tl.constexpr):
-    """The ``n_here`` elements of a chunk from ``start``: full blocks without a bounds mask (a
-    uniform mask lets loads vectorise), 16-byte vector accesses for a tensor whose addresses are
-    aligned (its FLAGS bit), then the tail."""
+    """The ``n_here`` elements of a chunk from ``start``, in the fixed element type ``DT``: full
+    blocks without a bounds mask (a uniform mask lets loads vectorise), 16-byte vector accesses
+    for a tensor whose addresses are aligned (its FLAGS bit), then the tail."""
     n_full = (n_here // BLOCK) * BLOCK
     if ALIGNED:
         if (flags & _F_ALIGNED) != 0:
-            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, code, read_r, is_ema,
+            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, read_r, is_ema,
                         is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT,
                         True, AMS)
         else:
-            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, code, read_r, is_ema,
+            _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, read_r, is_ema,
                         is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT,
                         False, AMS)
     else:
-        _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, code, read_r, is_ema, is_m,
+        _adamw_full(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_full, read_r, is_ema, is_m,
                     alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, BLOCK, DT, False, AMS)
     if n_full < n_here:
         offs = start + n_full + tl.arange(0, BLOCK)
-        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, offs < numel, code, read_r, is_ema,
+        _adamw_block(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, offs, offs < numel, read_r, is_ema,
                      is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb, DT, False, AMS)
+
+
+@triton.jit
+def _adamw_typed(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, read_r,
+                 is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
+                 BLOCK: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr, AMS: tl.constexpr):
+    """:func:`_adamw_chunk` in the element type ``DT``, or for ``DT = -1`` (mixed types) in this
+    tensor's type (FLAGS bits 0-1), dispatched once per program: each branch calls the chunk
+    function with a fixed type. (A type branch per load and store instead made triton 3.6.0's
+    compiler fail, "operand #0 does not dominate this use", on the aligned amsgrad kernel, and
+    held more registers: 128 against 107.)"""
+    if DT == -1:
+        code = flags & 3
+        if code == 0:
+            _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, read_r,
+                         is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
+                         BLOCK, 0, ALIGNED, AMS)
+        elif code == 1:
+            _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, read_r,
+                         is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
+                         BLOCK, 1, ALIGNED, AMS)
+        else:
+            _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, read_r,
+                         is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
+                         BLOCK, 2, ALIGNED, AMS)
+    else:
+        _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, read_r,
+                     is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb, omrb,
+                     BLOCK, DT, ALIGNED, AMS)
 
 
 @triton.jit
@@ -208,7 +232,7 @@ def _apply_kernel(
     steps_ptr,      # float32 [P]: step counts before this step (written by the stats launch)
     CHUNK: tl.constexpr,    # elements per chunk (a multiple of BLOCK)
     BLOCK: tl.constexpr,    # elements per inner iteration
-    DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS)
+    DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS), once per program
     ALIGNED: tl.constexpr,  # some tensor is 16-byte aligned: compile the vector path (FLAGS bit 7 picks it)
     AMS: tl.constexpr = False,  # some tensor has amsgrad: compile its path (meta column VM != 0 picks it)
 ):
@@ -218,7 +242,6 @@ def _apply_kernel(
     v_addr = tl.load(mrow + _V_)
     seg = tl.load(mrow + _SEG)
     grp = tl.load(mrow + _GROUP)
-    code = flags & 3
     rkind = (flags >> 2) & 3
     read_r = (rkind == _R_READ) | (rkind == _R_EMA)
     is_ema = rkind == _R_EMA
@@ -256,15 +279,15 @@ def _apply_kernel(
     if AMS:
         vm_addr = tl.load(mrow + _VM_)
         if vm_addr != 0:
-            _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, code,
+            _adamw_typed(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags,
                          read_r, is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb,
                          omrb, BLOCK, DT, ALIGNED, True)
         else:
-            _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags, code,
+            _adamw_typed(g_addr, r_addr, p_addr, m_addr, v_addr, vm_addr, start, n_here, numel, flags,
                          read_r, is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb,
                          omrb, BLOCK, DT, ALIGNED, False)
     else:
-        _adamw_chunk(g_addr, r_addr, p_addr, m_addr, v_addr, g_addr, start, n_here, numel, flags, code,
+        _adamw_typed(g_addr, r_addr, p_addr, m_addr, v_addr, g_addr, start, n_here, numel, flags,
                      read_r, is_ema, is_m, alpha, beta, b1, omb1, b2, omb2, eps, decay, step_size, bc2, rb,
                      omrb, BLOCK, DT, ALIGNED, False)
 
@@ -286,17 +309,17 @@ def launch_apply(meta, chunks, hyper, out, steps_old, *, chunk: int, dt: int, al
 
 
 @triton.jit
-def _guide_block(g_addr, r_addr, offs, mask, code, read_r, is_ema, alpha, beta, rb, omrb, DT: tl.constexpr,
+def _guide_block(g_addr, r_addr, offs, mask, read_r, is_ema, alpha, beta, rb, omrb, DT: tl.constexpr,
                  ALIGNED: tl.constexpr):
     """g ← α·g + β·r in place; r ← ref_beta·r + (1-ref_beta)·g (raw g) for the ema reference."""
-    g = _load_f32(g_addr, offs, mask, code, DT, ALIGNED)
-    r = _load_f32(r_addr, offs, mask & read_r, code, DT, ALIGNED)
-    _store_as(g_addr, offs, alpha * g + beta * r, mask, code, DT, ALIGNED)
-    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, code, DT, ALIGNED)
+    g = _load_f32(g_addr, offs, mask, DT, ALIGNED)
+    r = _load_f32(r_addr, offs, mask & read_r, DT, ALIGNED)
+    _store_as(g_addr, offs, alpha * g + beta * r, mask, DT, ALIGNED)
+    _store_as(r_addr, offs, rb * r + omrb * g, mask & is_ema, DT, ALIGNED)
 
 
 @triton.jit
-def _guide_full(g_addr, r_addr, start, n_full, code, read_r, is_ema, alpha, beta, rb, omrb,
+def _guide_full(g_addr, r_addr, start, n_full, read_r, is_ema, alpha, beta, rb, omrb,
                 BLOCK: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr):
     """The full blocks [start, start + n_full) of a chunk (VEC: 16-byte aligned addresses)."""
     full = tl.full([BLOCK], 1, tl.int1)
@@ -305,7 +328,25 @@ def _guide_full(g_addr, r_addr, start, n_full, code, read_r, is_ema, alpha, beta
         if VEC:
             base = tl.multiple_of(base, 16)
         offs = base + tl.arange(0, BLOCK)
-        _guide_block(g_addr, r_addr, offs, full, code, read_r, is_ema, alpha, beta, rb, omrb, DT, VEC)
+        _guide_block(g_addr, r_addr, offs, full, read_r, is_ema, alpha, beta, rb, omrb, DT, VEC)
+
+
+@triton.jit
+def _guide_chunk(g_addr, r_addr, start, n_here, numel, flags, read_r, is_ema, alpha, beta, rb, omrb,
+                 BLOCK: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """The ``n_here`` elements of a chunk from ``start`` in the fixed element type ``DT`` (as
+    :func:`_adamw_chunk`: full blocks, vector path for aligned tensors, then the tail)."""
+    n_full = (n_here // BLOCK) * BLOCK
+    if ALIGNED:
+        if (flags & _F_ALIGNED) != 0:
+            _guide_full(g_addr, r_addr, start, n_full, read_r, is_ema, alpha, beta, rb, omrb, BLOCK, DT, True)
+        else:
+            _guide_full(g_addr, r_addr, start, n_full, read_r, is_ema, alpha, beta, rb, omrb, BLOCK, DT, False)
+    else:
+        _guide_full(g_addr, r_addr, start, n_full, read_r, is_ema, alpha, beta, rb, omrb, BLOCK, DT, False)
+    if n_full < n_here:
+        offs = start + n_full + tl.arange(0, BLOCK)
+        _guide_block(g_addr, r_addr, offs, offs < numel, read_r, is_ema, alpha, beta, rb, omrb, DT, False)
 
 
 @triton.jit
@@ -316,13 +357,12 @@ def _guide_kernel(
     out_ptr,        # float32 [S, len(OUT_COLS)]: finalize output (α, β per segment; skip)
     CHUNK: tl.constexpr,    # elements per chunk (a multiple of BLOCK)
     BLOCK: tl.constexpr,    # elements per inner iteration
-    DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS)
+    DT: tl.constexpr,       # element type code of every tensor, or -1: per tensor (FLAGS), once per program
     ALIGNED: tl.constexpr,  # some tensor is 16-byte aligned: compile the vector path (FLAGS bit 7 picks it)
 ):
     _row, start, mrow, g_addr, r_addr, numel, flags = _chunk_meta(meta_ptr, chunks_ptr)
     seg = tl.load(mrow + _SEG)
     grp = tl.load(mrow + _GROUP)
-    code = flags & 3
     rkind = (flags >> 2) & 3
     read_r = (rkind == _R_READ) | (rkind == _R_EMA)
     is_ema = rkind == _R_EMA
@@ -334,17 +374,20 @@ def _guide_kernel(
     omrb = tl.load(hyper_ptr + grp * _HC + _H_OMRB)
 
     n_here = tl.where(live, tl.minimum(numel - start, CHUNK), 0)
-    n_full = (n_here // BLOCK) * BLOCK
-    if ALIGNED:
-        if (flags & _F_ALIGNED) != 0:
-            _guide_full(g_addr, r_addr, start, n_full, code, read_r, is_ema, alpha, beta, rb, omrb, BLOCK, DT, True)
+    if DT == -1:  # mixed element types: dispatch on this tensor's type once per program
+        code = flags & 3
+        if code == 0:
+            _guide_chunk(g_addr, r_addr, start, n_here, numel, flags, read_r, is_ema, alpha, beta, rb, omrb,
+                         BLOCK, 0, ALIGNED)
+        elif code == 1:
+            _guide_chunk(g_addr, r_addr, start, n_here, numel, flags, read_r, is_ema, alpha, beta, rb, omrb,
+                         BLOCK, 1, ALIGNED)
         else:
-            _guide_full(g_addr, r_addr, start, n_full, code, read_r, is_ema, alpha, beta, rb, omrb, BLOCK, DT, False)
+            _guide_chunk(g_addr, r_addr, start, n_here, numel, flags, read_r, is_ema, alpha, beta, rb, omrb,
+                         BLOCK, 2, ALIGNED)
     else:
-        _guide_full(g_addr, r_addr, start, n_full, code, read_r, is_ema, alpha, beta, rb, omrb, BLOCK, DT, False)
-    if n_full < n_here:
-        offs = start + n_full + tl.arange(0, BLOCK)
-        _guide_block(g_addr, r_addr, offs, offs < numel, code, read_r, is_ema, alpha, beta, rb, omrb, DT, False)
+        _guide_chunk(g_addr, r_addr, start, n_here, numel, flags, read_r, is_ema, alpha, beta, rb, omrb, BLOCK,
+                     DT, ALIGNED)
 
 
 def launch_guide(meta, chunks, hyper, out, *, chunk: int, dt: int, aligned: bool) -> None:

@@ -112,6 +112,11 @@ _SYNC_TICKET = tl.constexpr(SYNC_TICKET)
 #: num_warps of the multi-tensor kernels / of each finalize program
 NUM_WARPS = 4
 FINALIZE_WARPS = 8
+#: finalize's register limit per thread (``.maxnreg``): without one, ptxas holds the PTX of
+#: triton 3.6.0 (the GPU image's) to 64 registers and spills 8 bytes for SB >= 2 with
+#: NU_MODE 2; with it, 92 registers and no spill (triton 3.8: 96-118, no spill). 8 warps x 128
+#: registers is a quarter of an SM's register file (benchmarks/aot_check.py checks every variant)
+FINALIZE_MAXNREG = 128
 
 
 def gpu_chunk(total_elements: int, sm_count: int) -> int:
@@ -132,25 +137,22 @@ def _ptr(addr, ty: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _load_f32(addr, offs, mask, code, DT: tl.constexpr, ALIGNED: tl.constexpr):
+def _load_f32(addr, offs, mask, DT: tl.constexpr, ALIGNED: tl.constexpr):
     """Load ``addr[offs]`` (``addr``: an int64 address) as float32; 0 where ``mask`` is off.
 
-    ``DT``: the element type of every tensor (0 fp32, 1 bf16, 2 fp16) known at compile time, or
-    -1: dispatch on ``code`` (this tensor's type) at run time (a uniform branch per program).
+    ``DT``: the tensor's element type (0 fp32, 1 bf16, 2 fp16), a compile-time constant: a kernel
+    launched with ``DT = -1`` (mixed types) dispatches on the tensor's type once per program and
+    calls its chunk function with a fixed ``DT`` in each branch (:func:`_stats_kernel`). A type
+    branch per load instead broke triton 3.6.0's compiler ("operand does not dominate this use")
+    and cost registers.
     """
+    tl.static_assert(DT >= 0, "_load_f32 takes a fixed element type (dispatch per program on DT = -1)")
     if DT == 0:
         x = tl.load(_ptr(addr, tl.float32, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
     elif DT == 1:
         x = tl.load(_ptr(addr, tl.bfloat16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
-    elif DT == 2:
-        x = tl.load(_ptr(addr, tl.float16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        if code == 0:
-            x = tl.load(_ptr(addr, tl.float32, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
-        elif code == 1:
-            x = tl.load(_ptr(addr, tl.bfloat16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            x = tl.load(_ptr(addr, tl.float16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(_ptr(addr, tl.float16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
     return x
 
 
@@ -167,18 +169,17 @@ def _chunk_meta(meta_ptr, chunks_ptr):
 
 
 @triton.jit
-def _stats_block(g_addr, r_addr, p_addr, offs, mask, has_r, want_pp, code, DT: tl.constexpr,
-                 ALIGNED: tl.constexpr):
+def _stats_block(g_addr, r_addr, p_addr, offs, mask, has_r, want_pp, DT: tl.constexpr, ALIGNED: tl.constexpr):
     """g², r², g·r, p² of one block (r = 0 unless ``has_r``, p = 0 unless ``want_pp``)."""
-    g = _load_f32(g_addr, offs, mask, code, DT, ALIGNED)
-    r = _load_f32(r_addr, offs, mask & has_r, code, DT, ALIGNED)
-    p = _load_f32(p_addr, offs, mask & want_pp, code, DT, ALIGNED)
+    g = _load_f32(g_addr, offs, mask, DT, ALIGNED)
+    r = _load_f32(r_addr, offs, mask & has_r, DT, ALIGNED)
+    p = _load_f32(p_addr, offs, mask & want_pp, DT, ALIGNED)
     return g * g, r * r, g * r, p * p
 
 
 @triton.jit
-def _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp, code, BLOCK: tl.constexpr,
-                DT: tl.constexpr, VEC: tl.constexpr):
+def _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp, BLOCK: tl.constexpr, DT: tl.constexpr,
+                VEC: tl.constexpr):
     """Running sums over the full blocks [start, start + n_full) of a chunk (VEC: the tensor's
     addresses are 16-byte aligned, so its loads may be 16-byte vectors)."""
     acc_gg = tl.zeros([BLOCK], dtype=tl.float32)
@@ -191,12 +192,39 @@ def _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp, code, BLO
         if VEC:
             base = tl.multiple_of(base, 16)
         offs = base + tl.arange(0, BLOCK)  # int64: tensors over 2^31 elements
-        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, full, has_r, want_pp, code, DT, VEC)
+        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, full, has_r, want_pp, DT, VEC)
         acc_gg += gg
         acc_rr += rr
         acc_gr += gr
         acc_pp += pp
     return acc_gg, acc_rr, acc_gr, acc_pp
+
+
+@triton.jit
+def _stats_chunk(g_addr, r_addr, p_addr, start, n_here, numel, flags, has_r, want_pp, BLOCK: tl.constexpr,
+                 DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """(Σ g², Σ r², Σ g·r, Σ p²) of the ``n_here`` elements of a chunk from ``start``, in the fixed
+    element type ``DT``: full blocks without a bounds mask (a uniform mask lets loads vectorise),
+    16-byte vector accesses for a tensor whose addresses are aligned (its FLAGS bit), then the tail."""
+    n_full = (n_here // BLOCK) * BLOCK
+    if ALIGNED:
+        if (flags & _F_ALIGNED) != 0:
+            acc_gg, acc_rr, acc_gr, acc_pp = _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp,
+                                                         BLOCK, DT, True)
+        else:
+            acc_gg, acc_rr, acc_gr, acc_pp = _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp,
+                                                         BLOCK, DT, False)
+    else:
+        acc_gg, acc_rr, acc_gr, acc_pp = _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp,
+                                                     BLOCK, DT, False)
+    if n_full < n_here:
+        offs = start + n_full + tl.arange(0, BLOCK)
+        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, offs < numel, has_r, want_pp, DT, False)
+        acc_gg += gg
+        acc_rr += rr
+        acc_gr += gr
+        acc_pp += pp
+    return tl.sum(acc_gg, axis=0), tl.sum(acc_rr, axis=0), tl.sum(acc_gr, axis=0), tl.sum(acc_pp, axis=0)
 
 
 @triton.jit
@@ -214,36 +242,29 @@ def _stats_kernel(
     pid = tl.program_id(0).to(tl.int64)
     row, start, mrow, g_addr, r_addr, numel, flags = _chunk_meta(meta_ptr, chunks_ptr)
     p_addr = tl.load(mrow + _P_)
-    code = flags & 3
     has_r = ((flags >> 2) & 3) != _R_NONE
     want_pp = (flags & _F_PP) != 0
 
     n_here = tl.minimum(numel - start, CHUNK)  # 0 for the empty chunk of a 0-element tensor
-    n_full = (n_here // BLOCK) * BLOCK
-    # full blocks without a bounds mask (a uniform mask lets loads vectorise), 16-byte vector
-    # accesses for a tensor whose addresses are aligned (its FLAGS bit), then the tail
-    if ALIGNED:
-        if (flags & _F_ALIGNED) != 0:
-            acc_gg, acc_rr, acc_gr, acc_pp = _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp,
-                                                         code, BLOCK, DT, True)
+    if DT == -1:  # mixed element types: dispatch on this tensor's type once per program
+        code = flags & 3
+        if code == 0:
+            gg, rr, gr, pp = _stats_chunk(g_addr, r_addr, p_addr, start, n_here, numel, flags, has_r, want_pp,
+                                          BLOCK, 0, ALIGNED)
+        elif code == 1:
+            gg, rr, gr, pp = _stats_chunk(g_addr, r_addr, p_addr, start, n_here, numel, flags, has_r, want_pp,
+                                          BLOCK, 1, ALIGNED)
         else:
-            acc_gg, acc_rr, acc_gr, acc_pp = _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp,
-                                                         code, BLOCK, DT, False)
+            gg, rr, gr, pp = _stats_chunk(g_addr, r_addr, p_addr, start, n_here, numel, flags, has_r, want_pp,
+                                          BLOCK, 2, ALIGNED)
     else:
-        acc_gg, acc_rr, acc_gr, acc_pp = _stats_full(g_addr, r_addr, p_addr, start, n_full, has_r, want_pp,
-                                                     code, BLOCK, DT, False)
-    if n_full < n_here:
-        offs = start + n_full + tl.arange(0, BLOCK)
-        gg, rr, gr, pp = _stats_block(g_addr, r_addr, p_addr, offs, offs < numel, has_r, want_pp, code, DT, False)
-        acc_gg += gg
-        acc_rr += rr
-        acc_gr += gr
-        acc_pp += pp
+        gg, rr, gr, pp = _stats_chunk(g_addr, r_addr, p_addr, start, n_here, numel, flags, has_r, want_pp, BLOCK,
+                                      DT, ALIGNED)
     out = partials_ptr + pid * 4
-    tl.store(out + 0, tl.sum(acc_gg, axis=0))
-    tl.store(out + 1, tl.sum(acc_rr, axis=0))
-    tl.store(out + 2, tl.sum(acc_gr, axis=0))
-    tl.store(out + 3, tl.sum(acc_pp, axis=0))
+    tl.store(out + 0, gg)
+    tl.store(out + 1, rr)
+    tl.store(out + 2, gr)
+    tl.store(out + 3, pp)
     if COPY_STEPS:
         first = (start == 0) & ((flags & _F_STEP) != 0)
         step_addr = tl.load(mrow + _STEP)
@@ -511,4 +532,5 @@ def launch_finalize(partials, segs, hyper, nu, red, out, *, nu_mode: int, reduce
     grid = (triton.cdiv(S, sb),)
     _finalize_kernel[grid](partials, segs, hyper, nu, red, out, sync, S, _G.CANCEL_EPS * _EPS32,
                            _G.BLEND_EPS * _EPS32, SB=sb, KB=FINALIZE_TILE // sb, NU_MODE=nu_mode,
-                           REDUCE_ONLY=reduce_only, num_warps=FINALIZE_WARPS, enable_fp_fusion=False)
+                           REDUCE_ONLY=reduce_only, num_warps=FINALIZE_WARPS, maxnreg=FINALIZE_MAXNREG,
+                           enable_fp_fusion=False)

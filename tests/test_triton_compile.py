@@ -139,3 +139,59 @@ def test_bf16_apply_within_register_and_instruction_budget(report):
     assert r["cvt_bf16"] > 0, f"no hardware bf16 conversion in the compiled bf16 apply: {r}"
     print(r)
     assert r["regs"] <= APPLY_BF16_MAX_REGS and r["sass"] <= APPLY_BF16_MAX_SASS, r
+
+
+# ---- benchmarks/aot_check.py (`make aot-image`): the matrix of every launch variant ----------------
+
+_AOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "aot_check.py")
+
+
+def _aot(*args, interpret: bool, stdin_file: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, _AOT, *args], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(_AOT)), timeout=600)
+
+
+def test_aot_matrix_is_every_constexpr_combination_the_backend_launches():
+    """The enumeration drives the real backend (kernels replaced by recorders): every element type
+    and mixed, aligned or not, amsgrad or not, SGGAdamW or GradientGuidance, every chunk size
+    gpu_chunk can pick and every finalize tile, as the launchers pass them."""
+    from sgg_fast.kernels import stats as kstats
+
+    res = _aot("_enumerate", interpret=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    launches = json.loads(res.stdout.strip().splitlines()[-1])
+    kw = {k: [v["kwargs"] for v in launches if v["kernel"] == k] for k in ("stats", "apply", "guide", "finalize")}
+    chunks = {kstats.CHUNK_MIN_GPU << i for i in range((kstats.CHUNK_MAX_GPU // kstats.CHUNK_MIN_GPU).bit_length())}
+    dts, bools = {0, 1, 2, -1}, {False, True}
+    assert {(c["CHUNK"], c["DT"], c["ALIGNED"], c["AMS"]) for c in kw["apply"]} == {
+        (ch, dt, al, ams) for ch in chunks for dt in dts for al in bools for ams in bools}
+    assert {(c["CHUNK"], c["DT"], c["ALIGNED"], c["COPY_STEPS"]) for c in kw["stats"]} == {
+        (ch, dt, al, cp) for ch in chunks for dt in dts for al in bools for cp in bools}
+    assert {(c["CHUNK"], c["DT"], c["ALIGNED"]) for c in kw["guide"]} == {
+        (ch, dt, al) for ch in chunks for dt in dts for al in bools}
+    sbs = {1 << i for i in range(kstats.MAX_SEG_BLOCK.bit_length())}
+    assert {(c["SB"], c["KB"], c["NU_MODE"], c["REDUCE_ONLY"]) for c in kw["finalize"]} == {
+        (sb, kstats.FINALIZE_TILE // sb, nu, ro) for sb in sbs for nu, ro in ((2, False), (0, True))}
+    assert all(c["num_warps"] == kstats.FINALIZE_WARPS and c["maxnreg"] == kstats.FINALIZE_MAXNREG
+               and c["enable_fp_fusion"] is False for c in kw["finalize"])
+    assert len(launches) == 210
+    # as the runtime specialises them: every pointer the backend passes is 16-byte aligned
+    assert all(v["div_args"] == [i for i, t in enumerate(v["args"]) if t.startswith("*")] for v in launches)
+
+
+def test_aot_checker_fails_on_a_compiler_error(tmp_path):
+    """A variant the compiler rejects is reported as a failure with the compiler's message (here an
+    element type code the kernels' static_assert refuses), next to one that compiles."""
+    good = {"kernel": "guide", "args": ["*i64", "*i64", "*fp32", "*fp32"], "div_args": [0, 1, 2, 3],
+            "kwargs": {"CHUNK": 4096, "BLOCK": 1024, "DT": 1, "ALIGNED": True, "num_warps": 4}}
+    bad = {**good, "kwargs": {**good["kwargs"], "DT": -2}}
+    f = tmp_path / "variants.json"
+    f.write_text(json.dumps([good, bad]))
+    res = _aot("_compile", str(f), interpret=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ok, err = json.loads(res.stdout.strip().splitlines()[-1])
+    assert ok["error"] is None and ok["regs"] > 0 and ok["stl"] == 0, ok
+    assert err["error"] and "fixed element type" in err["error"], err
