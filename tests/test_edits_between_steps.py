@@ -349,16 +349,17 @@ def test_random_edits_auto(seed_list=range(4)):
 
 
 @pytest.mark.slow
-def test_random_edits_many(request):
+def test_random_edits_many(request, backend):
     expr = request.config.getoption("markexpr") or ""
     if "slow" not in expr or "not slow" in expr:
         pytest.skip("long variant: run with -m slow")
     n = int(os.environ.get("SGG_FAST_EDIT_EPISODES", "200"))
+    names = [backend] + (["auto"] if backend == "cpu" and "auto" in _backends() else [])
     total_raised = 0
-    for b in _backends():
+    for b in names:
         for seed in range(100, 100 + n):
             total_raised += run_episode(b, seed, steps=12)
-    print(f"edit episodes: {n} per backend × {len(_backends())} backends, {total_raised} refused steps")
+    print(f"edit episodes: {n} per backend × {names}, {n * 12 * len(names)} steps, {total_raised} refused on both")
 
 
 #: the defects of the adversarial run of 2026-12-07 (issue 23), each a scripted episode
