@@ -8,8 +8,8 @@
 //   sgg_guide_apply(grads, refs, out, ...)                           # GradientGuidance
 //
 // Layouts (columns) are those of sgg_fast/guidance.py; see csrc/sgg_common.h.
-#include <Python.h>
 #include <ATen/ATen.h>
+#include <Python.h>
 #include <torch/library.h>
 
 #include <cstdio>
@@ -47,7 +47,8 @@ std::string fmt(double v) {
 // gradient each step is expected). -1 stands for None. Metadata only: no tensor data is read, so
 // it runs for tensors of any device without a sync. Two steps' fingerprints are equal exactly
 // when none of these facts changed (a `.data` swap, `resize_`, `t_()`, retyping all change it).
-void append_fingerprint(std::vector<int64_t>& out, const std::optional<at::Tensor>& o, bool address) {
+void append_fingerprint(std::vector<int64_t>& out, const std::optional<at::Tensor>& o,
+                        bool address) {
   if (!o.has_value() || !o->defined()) {
     out.push_back(-1);
     return;
