@@ -12,15 +12,18 @@ Two checks, each a subcommand:
        mixed (DT), aligned or unaligned tensors (ALIGNED), amsgrad (AMS), SGGAdamW or
        GradientGuidance (COPY_STEPS), each chunk size ``gpu_chunk`` can return (CHUNK) and segment
        counts giving each finalize tile (SB, KB). The kernels are replaced by recorders, so what is
-       listed is exactly what the launchers pass (constexprs, num_warps, enable_fp_fusion), derived
-       from the launcher code, not written here.
+       listed is exactly what the launchers pass (constexprs, num_warps, maxnreg,
+       enable_fp_fusion), derived from the launcher code, not written here. (The recorder is
+       named like triton's InterpretedFunction: the backend checks that CPU tensors meet
+       interpreted kernels by that class name.)
     2. *Compile* each recorded variant for sm_90 with ``triton.compile`` (no GPU needed) as the
        runtime specialises it (a pointer argument whose address is a multiple of 16 marked
        divisible, "D": every one the backend passes), with ``--also-plain`` also without that
        specialisation; under the installed triton and under each ``--triton-path`` (a
        ``pip install --target`` directory put first on ``sys.path`` of the compiling
-       subprocess). Any compiler error fails the check, as does a register spill (``ld/st.local``
-       in the PTX, or local memory / stack in the cubin's resource usage).
+       subprocess). Any compiler error fails the check, as does a register spill: a local-memory
+       store or load in the SASS (STL/LDL; the kernels have no local arrays) or in the PTX, or
+       local memory in the cubin's resource usage (cuobjdump of the triton under test).
 
 ``csrc --torch-root DIR``
     Compile ``csrc/`` (the C++ and CUDA sources of sgg_fast._C) to objects against another
