@@ -103,6 +103,21 @@ void set_alignment(TensorRec& rec, int64_t chunk, int64_t elem_bytes) {
   rec.flags = ok ? (rec.flags | F_ALIGNED) : (rec.flags & ~F_ALIGNED);
 }
 
+// A cache of device tables holds at most `max_entries` that no CUDA graph captured: the oldest
+// such entry goes (its table is freed) to make room; a captured one stays for as long as the
+// process, because a replay of that graph reads its address.
+template <typename Entry>
+void evict_oldest_uncaptured(std::vector<Entry>& cache, size_t max_entries) {
+  size_t uncaptured = 0;
+  for (const Entry& e : cache) uncaptured += e.captured ? 0 : 1;
+  if (uncaptured < max_entries) return;
+  for (auto it = cache.begin(); it != cache.end(); ++it)
+    if (!it->captured) {
+      cache.erase(it);
+      return;
+    }
+}
+
 // The chunk → tensor table (int32 [C], device) of records laid out by assign_chunks: built once
 // per list of chunk counts and cached, so a steady loop uploads nothing (and a graph captured
 // after one eager step reads the same table). Never uploaded inside a CUDA graph capture.
@@ -112,17 +127,21 @@ const int32_t* chunk_table(const std::vector<TensorRec>& recs, int64_t C, const 
     at::Device dev;
     std::vector<int64_t> nchunks;
     at::Tensor table;
+    bool captured;  // a CUDA graph read it: never evicted (the graph keeps its address)
   };
   static std::mutex mu;
   static auto& cache = *new std::vector<Entry>();  // never destroyed: no CUDA frees at exit
   constexpr size_t kMaxEntries = 16;
   std::vector<int64_t> key(recs.size());
   for (size_t t = 0; t < recs.size(); ++t) key[t] = recs[t].nchunks;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const auto& e : cache)
-    if (e.dev == dev && e.nchunks == key) return e.table.const_data_ptr<int32_t>();
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& e : cache)
+    if (e.dev == dev && e.nchunks == key) {
+      e.captured = e.captured || status != cudaStreamCaptureStatusNone;
+      return e.table.const_data_ptr<int32_t>();
+    }
   TORCH_CHECK(
       status == cudaStreamCaptureStatusNone,
       "sgg_fast: the tensor sizes of the step changed during CUDA graph capture, so the chunk "
@@ -135,8 +154,8 @@ const int32_t* chunk_table(const std::vector<TensorRec>& recs, int64_t C, const 
       h[recs[t].chunk_begin + c] = static_cast<int32_t>(t);
   at::Tensor table = at::empty({C}, at::TensorOptions().dtype(at::kInt).device(dev));
   table.copy_(staging, /*non_blocking=*/true);
-  if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
-  cache.push_back(Entry{dev, std::move(key), table});
+  evict_oldest_uncaptured(cache, kMaxEntries);
+  cache.push_back(Entry{dev, std::move(key), table, false});
   return cache.back().table.const_data_ptr<int32_t>();
 }
 
@@ -220,18 +239,21 @@ float* const* nu_table(at::TensorList nu, const at::Device& dev, cudaStream_t st
     at::Device dev;
     std::vector<int64_t> addrs;
     at::Tensor table;
+    bool captured;  // a CUDA graph read it: never evicted (the graph keeps its address)
   };
   static std::mutex mu;
   static auto& cache = *new std::vector<Entry>();  // never destroyed: no CUDA frees at exit
   constexpr size_t kMaxEntries = 16;
   std::vector<int64_t> addrs(nu.size());
   for (size_t s = 0; s < nu.size(); ++s) addrs[s] = as_int(nu[s].data_ptr());
-  std::lock_guard<std::mutex> lock(mu);
-  for (const auto& e : cache)
-    if (e.dev == dev && e.addrs == addrs)
-      return reinterpret_cast<float* const*>(e.table.data_ptr());
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& e : cache)
+    if (e.dev == dev && e.addrs == addrs) {
+      e.captured = e.captured || status != cudaStreamCaptureStatusNone;
+      return reinterpret_cast<float* const*>(e.table.data_ptr());
+    }
   TORCH_CHECK(
       status == cudaStreamCaptureStatusNone,
       "sgg_fast: the norm_ema tensors of the step changed during CUDA graph capture, so their "
@@ -242,8 +264,8 @@ float* const* nu_table(at::TensorList nu, const at::Device& dev, cudaStream_t st
   std::memcpy(staging.data_ptr(), addrs.data(), addrs.size() * sizeof(int64_t));
   at::Tensor table = at::empty({S}, at::TensorOptions().dtype(at::kLong).device(dev));
   table.copy_(staging, /*non_blocking=*/true);
-  if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
-  cache.push_back(Entry{dev, std::move(addrs), table});
+  evict_oldest_uncaptured(cache, kMaxEntries);
+  cache.push_back(Entry{dev, std::move(addrs), table, false});
   return reinterpret_cast<float* const*>(cache.back().table.data_ptr());
 }
 
