@@ -72,3 +72,63 @@ def test_hyper_is_cached_until_a_setting_changes():
     opt.param_groups[0]["lambda_dir"] = 0.7
     h2 = build_plan(opt.param_groups, cache=cache).hyper()
     assert h2 is not h1 and float(h2[0, 0]) == pytest.approx(0.7)
+
+
+# -- the layout fingerprint (plan.fingerprint): the compiled op and the Python form agree ------------
+def _fp_edits():
+    def base():
+        p = torch.randn(5, 7)
+        return [p, torch.randn(5, 7), torch.zeros(()), torch.randn(97)], [torch.randn(5, 7)]
+
+    def data_swap(f, s):
+        f[1].data = f[1].clone()
+
+    def retype(f, s):
+        f[1].data = f[1].to(torch.bfloat16)
+
+    def resize0(f, s):
+        f[3].resize_(0)
+
+    def transpose(f, s):
+        f[0].t_()
+
+    def offset(f, s):
+        f[3].data = torch.randn(98)[1:]
+
+    def grad_retype(f, s):
+        s[0].data = s[0].to(torch.float64)
+
+    def grad_strides(f, s):
+        s[0].data = s[0].t().contiguous().t()
+
+    def grad_new_address(f, s):  # a new gradient each step is expected: not a change
+        s[0] = s[0].clone()
+
+    def values(f, s):  # values are not part of it
+        f[1].fill_(3.0)
+        s[0].mul_(2.0)
+
+    return base, {"data_swap": (data_swap, True), "retype": (retype, True), "resize0": (resize0, True),
+                  "transpose": (transpose, True), "offset": (offset, True), "grad_retype": (grad_retype, True),
+                  "grad_strides": (grad_strides, True), "grad_new_address": (grad_new_address, False),
+                  "values": (values, False)}
+
+
+@pytest.mark.parametrize("edit", list(_fp_edits()[1]))
+def test_fingerprint_op_and_python_form_agree(edit, monkeypatch):
+    from sgg_fast import _ext, plan as P
+
+    if not _ext.load():
+        pytest.skip(f"compiled extension unavailable: {_ext.error()}")
+    base, edits = _fp_edits()
+    fn, changes = edits[edit]
+    results = {}
+    for form in ("op", "python"):
+        monkeypatch.setattr(P, "_FP_OP_MIN", 0 if form == "op" else 10**9)
+        fixed, per_step = base()
+        before = P.fingerprint(fixed, per_step)
+        assert isinstance(before, torch.Tensor) == (form == "op")  # premise: the form asked for ran
+        assert P.same_fingerprint(P.fingerprint(fixed, per_step), before)  # unchanged: equal
+        fn(fixed, per_step)
+        results[form] = P.same_fingerprint(P.fingerprint(fixed, per_step), before)
+    assert results == {"op": not changes, "python": not changes}, results
