@@ -116,7 +116,8 @@ def _fp_edits():
 
 @pytest.mark.parametrize("edit", list(_fp_edits()[1]))
 def test_fingerprint_op_and_python_form_agree(edit, monkeypatch):
-    from sgg_fast import _ext, plan as P
+    from sgg_fast import _ext
+    from sgg_fast import plan as P
 
     if not _ext.load():
         pytest.skip(f"compiled extension unavailable: {_ext.error()}")
